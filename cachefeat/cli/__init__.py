@@ -1,0 +1,72 @@
+"""The `cachefeat` command: one subcommand module per pipeline step.
+
+Each module in this package defines `add_parser(subparsers)`, which registers its
+subcommand and sets `func` to a callable taking the parsed arguments and returning an
+exit code. Exit codes: 0 success, 2 bad input or usage (one line, no traceback unless
+`--debug`), 1 internal failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from cachefeat.errors import UserError
+
+COMMANDS = ["simulate", "pretrain", "extract", "info", "train", "evaluate", "verify", "demo"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors as one line and exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="cachefeat",
+        description="Cache a frozen tracking backbone's outputs once; train the regression head over the cache.",
+        epilog="Run `cachefeat demo` for the whole chain on a small simulated set.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"cachefeat.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"cachefeat.cli.{name}":
+                raise
+            continue
+        module.add_parser(sub)
+    return parser
+
+
+def example_epilog(*examples: str) -> str:
+    """Format `--help` examples for a subcommand."""
+    return "example:\n" + "\n".join(f"  {line}" for line in examples)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"cachefeat {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cachefeat {args.command}: interrupted", file=sys.stderr)
+        return 130

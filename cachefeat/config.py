@@ -1,0 +1,123 @@
+"""YAML configs with `class_path`/`init_args` blocks (as in hepattn and LightningCLI).
+
+A config is a plain dict loaded from YAML. Model parts are blocks of the form::
+
+    model:
+      class_path: cachefeat.model.maskformer.MaskFormer
+      init_args: {dim: 32, ...}
+
+`instantiate` imports the class and calls it with `init_args`; unknown argument names are
+refused with a did-you-mean. Dotted overrides (`model.init_args.dim=64`) are applied after
+loading, their values parsed as YAML scalars.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import importlib
+import inspect
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cachefeat.errors import UserError
+
+
+def did_you_mean(name: str, options) -> str:
+    """' (did you mean X?)' when a close option exists, else ''."""
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> dict:
+    """Read a YAML config and apply dotted `key.path=value` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        cfg = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(cfg, dict):
+        raise UserError(f"config {path} must be a mapping at top level")
+    for item in overrides or []:
+        apply_override(cfg, item)
+    return cfg
+
+
+def apply_override(cfg: dict, item: str) -> None:
+    """Set `a.b.c=value` in place; every key but the last must already exist."""
+    if "=" not in item:
+        raise UserError(f"override '{item}' must look like key.path=value")
+    dotted, raw = item.split("=", 1)
+    keys = dotted.split(".")
+    node = cfg
+    for i, key in enumerate(keys[:-1]):
+        if not isinstance(node, dict) or key not in node:
+            where = ".".join(keys[:i]) or "<top>"
+            options = node.keys() if isinstance(node, dict) else []
+            raise UserError(f"override '{dotted}': no key '{key}' under {where}{did_you_mean(key, options)}")
+        node = node[key]
+    last = keys[-1]
+    if not isinstance(node, dict):
+        raise UserError(f"override '{dotted}': {'.'.join(keys[:-1])} is not a mapping")
+    if last not in node and not (keys[-2:-1] == ["init_args"] or len(keys) == 1):
+        raise UserError(f"override '{dotted}': no key '{last}'{did_you_mean(last, node.keys())}")
+    node[last] = yaml.safe_load(raw)
+
+
+def section(cfg: dict, name: str, defaults: dict) -> dict:
+    """Return `cfg[name]` merged over `defaults`; unknown keys are refused with a did-you-mean."""
+    given = cfg.get(name) or {}
+    if not isinstance(given, dict):
+        raise UserError(f"config section '{name}' must be a mapping")
+    for key in given:
+        if key not in defaults:
+            raise UserError(f"unknown key '{name}.{key}'{did_you_mean(key, defaults)}")
+    out = copy.deepcopy(defaults)
+    out.update(given)
+    return out
+
+
+def resolve_class(class_path: str):
+    module_name, _, attr = class_path.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+        return getattr(module, attr)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise UserError(f"cannot import class_path '{class_path}': {exc}") from exc
+
+
+def instantiate(block: dict, where: str, **extra: Any):
+    """Build the object described by a `class_path`/`init_args` block.
+
+    `extra` are keyword arguments supplied by code (not by the config), e.g. field lists.
+    """
+    if not isinstance(block, dict) or "class_path" not in block:
+        raise UserError(f"config '{where}' needs a class_path (and init_args)")
+    unknown = set(block) - {"class_path", "init_args"}
+    if unknown:
+        key = sorted(unknown)[0]
+        raise UserError(f"unknown key '{where}.{key}'{did_you_mean(key, ['class_path', 'init_args'])}")
+    cls = resolve_class(block["class_path"])
+    kwargs = dict(block.get("init_args") or {})
+    params = inspect.signature(cls).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if not takes_any:
+        for key in kwargs:
+            if key not in params:
+                raise UserError(f"unknown key '{where}.init_args.{key}'{did_you_mean(key, params)}")
+    kwargs.update({k: v for k, v in extra.items() if k in params or takes_any})
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise UserError(f"cannot build '{where}' ({block['class_path']}): {exc}") from exc
+
+
+def stable_hash(obj: Any) -> str:
+    """sha256 of a JSON-serialisable object with sorted keys (config hashing for fingerprints)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()

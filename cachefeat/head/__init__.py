@@ -1,0 +1,1 @@
+"""The regression head: its inputs (`inputs.HeadBatch`) and its formula (`regression`)."""
