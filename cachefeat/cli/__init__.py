@@ -19,7 +19,11 @@ COMMANDS = ["simulate", "pretrain", "extract", "info", "train", "evaluate", "ver
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with usage errors as one line and exit code 2."""
+    """argparse with usage errors as one line and exit code 2; epilog examples kept verbatim."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")

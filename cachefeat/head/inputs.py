@@ -61,10 +61,11 @@ class HeadBatch:
         counts = self.query_offsets.diff()
         return torch.repeat_interleave(torch.arange(self.num_events, device=counts.device), counts)
 
-    def to(self, device, non_blocking: bool = False) -> "HeadBatch":
-        return replace(self, **{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)})
+    def to(self, device, non_blocking: bool = False) -> HeadBatch:
+        moved = {f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)}
+        return replace(self, **moved)
 
-    def float(self) -> "HeadBatch":
+    def float(self) -> HeadBatch:
         """Embeddings as float32 (a float16/bfloat16 cache is widened here, on the device)."""
         return replace(self, hit_embed=self.hit_embed.float(), query_embed=self.query_embed.float())
 

@@ -1,0 +1,310 @@
+"""Phase 1: run the frozen backbone once over an event file and write the cache.
+
+The work is split into the store's commit blocks (contiguous event ranges). Inside a block,
+events are forwarded in hit-count-bucketed batches (less padding), then put back in file
+order and handed to the asynchronous writer, so the forward never waits on disk.
+
+Under `accelerate launch` / `torchrun`, rank 0 creates the store, every rank writes its own
+contiguous range of blocks, and rank 0 marks the cache complete once all ranks are done.
+Block boundaries do not depend on the number of processes, so the cache is the same.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cachefeat.config import section
+from cachefeat.errors import UserError
+from cachefeat.head.inputs import HeadBatch, concat
+
+log = logging.getLogger(__name__)
+
+EXTRACT_DEFAULTS = {
+    "batch_size": 64,
+    "block_size": 4096,
+    "dtype": "float32",
+    "keep_hits": "assigned",
+    "keep_queries": "all",
+    "precision": "fp32",
+}
+CHOICES = {
+    "dtype": ("float32", "float16", "bfloat16"),
+    "keep_hits": ("assigned", "all"),
+    "keep_queries": ("all", "matched"),
+    "precision": ("fp32", "bf16"),
+}
+MODES = ("create", "resume", "overwrite")
+
+
+def default_floor(config: dict) -> float:
+    """The head's `assignment_threshold` (0.1 if the config does not set one)."""
+    head = config.get("head") or {}
+    return float((head.get("init_args") or {}).get("assignment_threshold", 0.1))
+
+
+def resolve_options(config: dict, **given) -> dict:
+    """Extraction options: explicit values (not None) over the config's `extract` section over defaults.
+
+    Also resolves `floor` (default: `default_floor(config)`). Invalid values raise UserError.
+    """
+    opts = section(config, "extract", EXTRACT_DEFAULTS)
+    opts.update({k: v for k, v in given.items() if v is not None and k != "floor"})
+    for key, allowed in CHOICES.items():
+        if opts[key] not in allowed:
+            raise UserError(f"extract.{key} must be one of {', '.join(allowed)}, not '{opts[key]}'")
+    for key in ("batch_size", "block_size"):
+        if not isinstance(opts[key], int) or opts[key] < 1:
+            raise UserError(f"extract.{key} must be a positive integer, not {opts[key]!r}")
+    floor = given.get("floor")
+    opts["floor"] = default_floor(config) if floor is None else float(floor)
+    if not 0.0 < opts["floor"] < 1.0:
+        raise UserError(f"floor must be a probability in (0, 1), not {opts['floor']}")
+    if opts["floor"] > default_floor(config):
+        log.warning("floor %.3g is above the head's assignment_threshold %.3g: the head will miss pairs",
+                    opts["floor"], default_floor(config))
+    return opts
+
+
+def fingerprint_settings(opts: dict) -> dict:
+    """The extraction settings that change the cache's content."""
+    return {
+        "floor": opts["floor"],
+        "embed_dtype": opts["dtype"],
+        "precision": opts["precision"],
+        "keep_hits": opts["keep_hits"],
+        "keep_queries": opts["keep_queries"],
+    }
+
+
+def gather_events(hb: HeadBatch, order: torch.Tensor) -> HeadBatch:
+    """Reorder the events of `hb`: event i of the result is event `order[i]` of `hb`.
+
+    `order` is a permutation (int64 [B]). Rows keep their order inside each event, pair
+    indices are remapped to the new batch-global rows. Vectorised: no loop over events.
+    """
+    order = order.to(torch.long)
+
+    def rows(offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        counts = offsets.diff()[order]
+        new_offsets = torch.cat([offsets.new_zeros(1), counts.cumsum(0)])
+        shift = torch.repeat_interleave(offsets[:-1][order] - new_offsets[:-1], counts)
+        return shift + torch.arange(int(new_offsets[-1]), dtype=torch.long), new_offsets
+
+    hit_rows, hit_offsets = rows(hb.hit_offsets)
+    query_rows, query_offsets = rows(hb.query_offsets)
+    # old row -> new row, to remap the pairs' batch-global indices
+    new_hit = torch.empty_like(hit_rows)
+    new_hit[hit_rows] = torch.arange(hit_rows.numel())
+    new_query = torch.empty_like(query_rows)
+    new_query[query_rows] = torch.arange(query_rows.numel())
+    new_event = torch.empty_like(order)
+    new_event[order] = torch.arange(order.numel())
+    pair_event = new_event[hb.query_event()[hb.pair_query]]
+    pair_rows = torch.sort(pair_event, stable=True).indices
+
+    return HeadBatch(
+        event_id=hb.event_id[order],
+        hit_offsets=hit_offsets,
+        query_offsets=query_offsets,
+        hit_raw=hb.hit_raw[hit_rows],
+        hit_embed=hb.hit_embed[hit_rows],
+        query_embed=hb.query_embed[query_rows],
+        query_valid_logit=hb.query_valid_logit[query_rows],
+        query_slot=hb.query_slot[query_rows],
+        target_index=hb.target_index[query_rows],
+        targets=hb.targets[query_rows],
+        target_valid=hb.target_valid[query_rows],
+        pair_query=new_query[hb.pair_query[pair_rows]],
+        pair_hit=new_hit[hb.pair_hit[pair_rows]],
+        pair_logit=hb.pair_logit[pair_rows],
+    )
+
+
+def extract_block(backbone, events, start: int, stop: int, opts: dict) -> tuple[HeadBatch, dict[str, np.ndarray]]:
+    """Forward events [start, stop) in bucketed batches; return their HeadBatch (CPU) and counts, in file order."""
+    from cachefeat.data.events import bucketed_batches
+
+    batches = bucketed_batches(events.hit_counts[start:stop], opts["batch_size"], seed=None)
+    parts, counts = [], []
+    for local in batches:
+        hb, metrics = backbone.head_batch(
+            events.read(start + local), opts["floor"], keep_hits=opts["keep_hits"], keep_queries=opts["keep_queries"]
+        )
+        parts.append(hb.to("cpu"))
+        counts.append(metrics)
+    inverse = torch.from_numpy(np.argsort(np.concatenate(batches), kind="stable"))
+    hb = gather_events(concat(parts), inverse)
+    metrics = {k: np.concatenate([m[k] for m in counts])[inverse.numpy()] for k in counts[0]}
+    return hb, metrics
+
+
+def _disk_full(exc: BaseException) -> bool:
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _as_user_error(exc: BaseException, output: Path) -> BaseException:
+    """A disk-full error as one clear line naming the cache; any other error unchanged."""
+    if _disk_full(exc):
+        return UserError(f"disk full while writing {output}: free space, then rerun with --resume")
+    return exc
+
+
+def extract(
+    config: dict,
+    checkpoint,
+    input,
+    output,
+    *,
+    mode: str = "create",
+    batch_size: int | None = None,
+    block_size: int | None = None,
+    dtype: str | None = None,
+    floor: float | None = None,
+    keep_hits: str | None = None,
+    keep_queries: str | None = None,
+    precision: str | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Extract the cache of `input` (HDF5 events) through the frozen backbone of `checkpoint` into `output`.
+
+    Options left as None come from the config's `extract` section (floor: the head's
+    assignment_threshold). `mode`: "create", "resume" (skip committed blocks; the
+    fingerprint must match) or "overwrite". `device`: default cuda if available, else cpu;
+    under a multi-process launch each rank uses its own device.
+
+    Returns a summary (all ranks together): events, blocks written/skipped, stored hits,
+    queries and pairs, valid hits seen, seconds, events/s, bytes written; plus output, world,
+    this process's rank and the content settings.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    from cachefeat.cache.fingerprint import make_fingerprint
+    from cachefeat.cache.frozen import FrozenBackbone, backbone_fingerprint_inputs
+    from cachefeat.cache.writer import CacheWriter
+    from cachefeat.data.events import EventFile
+    from cachefeat.model.metrics import COUNT_KEYS
+
+    if mode not in MODES:
+        raise UserError(f"mode must be one of {', '.join(MODES)}, not '{mode}'")
+    opts = resolve_options(
+        config, batch_size=batch_size, block_size=block_size, dtype=dtype, floor=floor,
+        keep_hits=keep_hits, keep_queries=keep_queries, precision=precision,
+    )
+    state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
+    distributed = state.num_processes > 1
+    if device is None or distributed:
+        device = state.device if distributed else ("cuda" if torch.cuda.is_available() else "cpu")
+    output = Path(output)
+
+    data = config.get("data") or {}
+    backbone = FrozenBackbone(config, checkpoint, device=device, precision=opts["precision"])
+    events = EventFile(input, backbone.hit_fields, backbone.particle_fields, max_hits=data.get("max_hits"))
+    settings = fingerprint_settings(opts)
+    fingerprint = make_fingerprint(
+        checkpoint_sha256=backbone.checkpoint_sha256,
+        backbone_config=backbone_fingerprint_inputs(config),
+        input_hash=events.content_hash(),
+        settings=settings,
+    )
+    writer_args = dict(
+        fingerprint=fingerprint, settings=settings, raw_fields=backbone.raw_fields,
+        particle_fields=backbone.particle_fields, dim=backbone.model.dim, embed_dtype=opts["dtype"],
+        num_events=len(events), metric_names=[*COUNT_KEYS, "n_valid_hits"], block_size=opts["block_size"],
+        rank=state.process_index, world=state.num_processes,
+    )
+
+    # Rank 0 creates (or checks) the store; the others open it once it exists. A failure on
+    # rank 0 is broadcast so that no rank waits at a barrier for a store that will not come.
+    writer, failure = None, [None]
+    if state.is_main_process:
+        try:
+            writer = CacheWriter(output, mode=mode, **writer_args)
+        except Exception as exc:
+            if not (isinstance(exc, UserError) or _disk_full(exc)):
+                raise
+            failure = [str(_as_user_error(exc, output))]
+    if distributed:
+        broadcast_object_list(failure)
+    if failure[0] is not None:
+        raise UserError(failure[0])
+    if writer is None:
+        writer = CacheWriter(output, mode="resume", **writer_args)
+
+    stats = {"events": 0, "valid_hits": 0, "hits": 0, "queries": 0, "pairs": 0,
+             "blocks_written": 0, "blocks_skipped": len(writer.my_blocks()) - len(writer.pending_blocks())}
+    pending = writer.pending_blocks()
+    total = sum(writer.block_range(b)[1] - writer.block_range(b)[0] for b in pending)
+    started = time.perf_counter()
+    error = None
+    bar = _progress_bar(total, enabled=progress and state.is_main_process)
+    try:
+        for block in pending:
+            start, stop = writer.block_range(block)
+            hb, metrics = extract_block(backbone, events, start, stop, opts)
+            writer.write_block(block, hb, metrics)
+            stats["events"] += stop - start
+            stats["valid_hits"] += int(metrics["n_valid_hits"].sum())
+            stats["hits"] += int(hb.hit_offsets[-1])
+            stats["queries"] += int(hb.query_offsets[-1])
+            stats["pairs"] += hb.pair_logit.numel()
+            stats["blocks_written"] += 1
+            _update_bar(bar, stop - start, stats, writer, started)
+        writer.close()
+    except Exception as exc:  # recorded, so every rank reaches the collective below
+        error = exc
+        _close_quietly(writer)
+    finally:
+        bar.close()
+        events.close()
+    stats["bytes_written"] = writer.bytes_written
+    stats["seconds"] = time.perf_counter() - started
+
+    if error is not None:
+        error = _as_user_error(error, output)
+    reports = gather_object([(str(error) if error is not None else None, stats)]) if distributed else [(None, stats)]
+    if error is not None:
+        raise error
+    failed = [(rank, msg) for rank, (msg, _) in enumerate(reports) if msg is not None]
+    if failed:
+        raise UserError(f"extraction failed on rank {failed[0][0]}: {failed[0][1]}")
+    if distributed:
+        state.wait_for_everyone()
+    if state.is_main_process:
+        writer.finalize()
+
+    summary = {key: sum(s[key] for _, s in reports) for key in stats if key != "seconds"}
+    summary["seconds"] = max(s["seconds"] for _, s in reports)
+    summary["events_per_s"] = summary["events"] / summary["seconds"] if summary["seconds"] > 0 else 0.0
+    summary.update(output=str(output), world=state.num_processes, rank=state.process_index, **settings)
+    return summary
+
+
+def _progress_bar(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="ev", desc="extract", disable=not enabled, dynamic_ncols=True)
+
+
+def _update_bar(bar, n: int, stats: dict, writer, started: float) -> None:
+    bar.update(n)
+    elapsed = max(time.perf_counter() - started, 1e-9)
+    bar.set_postfix_str(f"{stats['valid_hits'] / elapsed:,.0f} hits/s, {writer.bytes_written / 1e6:.1f} MB written")
+
+
+def _close_quietly(writer) -> None:
+    try:
+        writer.close()
+    except Exception:  # the first error is the one reported
+        log.debug("writer close after a failure raised", exc_info=True)

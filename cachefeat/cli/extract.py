@@ -1,0 +1,68 @@
+"""`cachefeat extract`: run the frozen backbone once and write the feature cache (phase 1)."""
+
+from __future__ import annotations
+
+import logging
+
+from cachefeat.cli import example_epilog
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "extract",
+        help="run the frozen stage-1 backbone once and cache what the head needs",
+        description="Run the frozen stage-1 backbone over an event file once and write a Zarr cache of "
+        "the regression head's inputs. Options left out come from the config's `extract` section.",
+        epilog=example_epilog(
+            "cachefeat extract --config configs/muon.yaml --checkpoint stage1.ckpt "
+            "--input train.h5 --output train.zarr",
+            "accelerate launch -m cachefeat extract ... --resume   # several processes, or finish a killed run",
+        ),
+    )
+    p.add_argument("--config", required=True, help="YAML config (data, model, head, extract sections)")
+    p.add_argument("--checkpoint", required=True, help="stage-1 checkpoint (from `cachefeat pretrain`)")
+    p.add_argument("--input", required=True, help="event file (HDF5, from `cachefeat simulate`)")
+    p.add_argument("--output", required=True, help="cache directory to write (Zarr v3)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="finish an interrupted extraction (same settings)")
+    mode.add_argument("--overwrite", action="store_true", help="replace an existing cache")
+    p.add_argument("--batch-size", type=int, help="events per forward batch (default: extract.batch_size, 64)")
+    p.add_argument("--block-size", type=int, help="events per commit block (default: extract.block_size, 4096)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="storage dtype of the embeddings; logits and targets stay float32 (default float32)")
+    p.add_argument("--floor", type=float,
+                   help="keep pairs with probability >= FLOOR (default: head.init_args.assignment_threshold)")
+    p.add_argument("--keep-hits", choices=["assigned", "all"], help="store hits in some pair, or all valid hits")
+    p.add_argument("--keep-queries", choices=["all", "matched"], help="store every query, or matched ones only")
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="forward precision (default fp32)")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a config value (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from cachefeat.cache.extract import extract
+    from cachefeat.config import load_config
+
+    config = load_config(args.config, args.set)
+    mode = "resume" if args.resume else "overwrite" if args.overwrite else "create"
+    summary = extract(
+        config, args.checkpoint, args.input, args.output, mode=mode,
+        batch_size=args.batch_size, block_size=args.block_size, dtype=args.dtype, floor=args.floor,
+        keep_hits=args.keep_hits, keep_queries=args.keep_queries, precision=args.precision,
+        device=args.device, progress=not args.no_progress,
+    )
+    if summary["rank"] != 0:
+        return 0
+    log.info(
+        "extracted %d events (%d blocks written, %d already committed) in %.1f s, %.0f events/s: "
+        "%d hits, %d queries, %d pairs, %.1f MB -> %s",
+        summary["events"], summary["blocks_written"], summary["blocks_skipped"], summary["seconds"],
+        summary["events_per_s"], summary["hits"], summary["queries"], summary["pairs"],
+        summary["bytes_written"] / 1e6, summary["output"],
+    )
+    return 0

@@ -1,0 +1,52 @@
+"""`cachefeat pretrain`: stage-1 training (MaskFormer), optionally joint with the regression head."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cachefeat.cli import example_epilog
+from cachefeat.errors import UserError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "pretrain",
+        help="train the stage-1 MaskFormer (or backbone + head jointly)",
+        description="Stage-1 training with Accelerate: AdamW, one-cycle schedule, validation with tracking "
+        "metrics every epoch, best/last checkpoints. Multi-GPU: accelerate launch -m cachefeat pretrain ...",
+        epilog=example_epilog(
+            "cachefeat pretrain --config configs/muon.yaml --train train.h5 --val val.h5 --output runs/stage1",
+            "cachefeat pretrain --config configs/muon.yaml --train train.h5 --val val.h5 --output runs/joint --joint",
+        ),
+    )
+    p.add_argument("--config", required=True, help="YAML config (model, data, pretrain sections)")
+    p.add_argument("--train", required=True, help="training events (HDF5 from `cachefeat simulate`)")
+    p.add_argument("--val", required=True, help="validation events (HDF5)")
+    p.add_argument("--output", required=True, help="run directory for checkpoints and metrics")
+    p.add_argument("--epochs", type=int, help="override pretrain.epochs")
+    p.add_argument("--batch-size", type=int, help="override pretrain.batch_size")
+    p.add_argument("--seed", type=int, help="override pretrain.seed")
+    p.add_argument("--joint", action="store_true", default=None,
+                   help="train the regression head together with the backbone (the joint baseline)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted config override, e.g. --set pretrain.lr=1e-3 (repeatable)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from cachefeat.config import load_config
+    from cachefeat.training.pretrain import pretrain
+
+    config = load_config(args.config, args.set)
+    for name in ("epochs", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    out = Path(args.output)
+    if not args.resume and (out / "stage1_last.ckpt").exists():
+        raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --output")
+    pretrain(config, args.train, args.val, out, epochs=args.epochs, batch_size=args.batch_size,
+             joint=args.joint, resume=args.resume, seed=args.seed, device=args.device)
+    return 0

@@ -1,0 +1,325 @@
+"""The regression head (DESIGN.md §5): track parameters pooled from hits with frozen assignments.
+
+Per event with N queries and M hits, from query embeddings Q [N, D], hit embeddings
+H [M, D], raw hit features X [M, F], assignment logits L [N, M] and hit validity v [M]:
+
+    p = sigmoid(L);  A = (p >= tau) & v;  w~ = p * A;  w = w~ / max(sum_m w~, 1e-8)
+    R = raw_hit_net(X);  E = encoded_hit_net(H)                      (MLPs -> D)
+    pools of Z in (R, E): w @ Z, w~ @ Z, max and min over {m : A_nm} (0 if empty)
+    z_n = [Q_n, pools(R), pools(E)] in R^{9D};  y_n = MLP(z_n) in R^T
+
+Two implementations of the same formula live side by side:
+
+- dense (`forward_dense`): padded [B, N, M] tensors, memory O(B·N·M·D); the reference.
+- sparse (`forward_sparse`): the `HeadBatch` pair list with segment reductions, O(P·D).
+
+They agree to float32 rounding, outputs and gradients alike. Targets are regressed in
+scaled units: each regressed quantity (a particle field, or q / field for an inverse field)
+is standardised by `target_mean` / `target_std`; periodic fields (phi) keep mean 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cachefeat.config import did_you_mean
+from cachefeat.errors import UserError
+from cachefeat.head.inputs import HeadBatch
+
+IMPLS = ("sparse", "dense")
+# Logit given to (query, hit) pairs that a HeadBatch does not hold: sigmoid(-1e4) == 0 in float32.
+ABSENT_LOGIT = -1e4
+
+
+def hit_net(in_dim: int, dim: int) -> nn.Sequential:
+    """Per-hit MLP: Linear(in_dim, dim) -> ReLU -> Linear(dim, dim)."""
+    return nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU(), nn.Linear(dim, dim))
+
+
+def regression_mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, dropout: float) -> nn.Sequential:
+    """(Linear -> ReLU -> LayerNorm -> Dropout) x (num_layers - 1) -> Linear(out_dim)."""
+    layers: list[nn.Module] = []
+    for _ in range(num_layers - 1):
+        layers += [nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.LayerNorm(hidden_dim), nn.Dropout(dropout)]
+        in_dim = hidden_dim
+    layers.append(nn.Linear(in_dim, out_dim))
+    return nn.Sequential(*layers)
+
+
+def wrap_angle(x: Tensor) -> Tensor:
+    """Map angles (radians) into [-pi, pi)."""
+    return torch.remainder(x + math.pi, 2 * math.pi) - math.pi
+
+
+def _padding_index(hb: HeadBatch) -> tuple[int, int, int, Tensor, Tensor]:
+    """(B, N, M, query_flat [Q], hit_flat [H]): flat positions of CSR rows in [B*N] / [B*M] padding.
+
+    N and M are the largest query and hit counts of an event, at least 1.
+    """
+    B = hb.num_events
+    query_counts, hit_counts = hb.query_offsets.diff(), hb.hit_offsets.diff()
+    N = max(int(query_counts.max()) if B else 0, 1)
+    M = max(int(hit_counts.max()) if B else 0, 1)
+    event = torch.arange(B, device=hb.query_offsets.device)
+    query_event = torch.repeat_interleave(event, query_counts)
+    hit_event = torch.repeat_interleave(event, hit_counts)
+    query_local = torch.arange(query_event.shape[0], device=event.device) - hb.query_offsets[query_event]
+    hit_local = torch.arange(hit_event.shape[0], device=event.device) - hb.hit_offsets[hit_event]
+    return B, N, M, query_event * N + query_local, hit_event * M + hit_local
+
+
+def dense_inputs(hb: HeadBatch) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Pad a `HeadBatch` into the dense head's inputs (differentiable w.r.t. the embeddings).
+
+    Returns:
+        query_embed [B, N, D], hit_embed [B, M, D], hit_raw [B, M, F],
+        track_hit_logit [B, N, M] (pairs not in `hb` get -1e4, i.e. p = 0),
+        hit_valid bool [B, M] (True on the rows `hb` holds).
+        N and M are the largest per-event query and hit counts (at least 1).
+    """
+    B, N, M, query_flat, hit_flat = _padding_index(hb)
+
+    def pad(rows: Tensor, flat: Tensor, size: int) -> Tensor:
+        out = rows.new_zeros((B * size, rows.shape[1]))
+        return out.index_copy(0, flat, rows).view(B, size, rows.shape[1])
+
+    pair_flat = query_flat[hb.pair_query] * M + hit_flat[hb.pair_hit] % M
+    logit = hb.pair_logit.new_full((B * N * M,), ABSENT_LOGIT).index_copy(0, pair_flat, hb.pair_logit)
+    hit_valid = torch.zeros(B * M, dtype=torch.bool, device=hit_flat.device)
+    hit_valid[hit_flat] = True
+    return (
+        pad(hb.query_embed, query_flat, N),
+        pad(hb.hit_embed, hit_flat, M),
+        pad(hb.hit_raw, hit_flat, M),
+        logit.view(B, N, M),
+        hit_valid.view(B, M),
+    )
+
+
+class RegressionHead(nn.Module):
+    """Regresses track parameters per query by pooling hit features with frozen assignment weights.
+
+    Args:
+        raw_fields: names of the F raw hit feature columns (`HeadBatch.hit_raw`).
+        particle_fields: names of the T_p columns of `HeadBatch.targets`.
+        dim: D, the embedding dim of queries, hits and the hit nets' outputs.
+        hidden_dim, num_layers, dropout: the output MLP.
+        assignment_threshold: tau; a hit is assigned to a query where sigmoid(logit) >= tau.
+        target_fields: the T regressed particle fields, in output order.
+        inverse_fields: target fields regressed as q / value (needs "q" among particle_fields).
+        periodic_fields: angles (radians) whose residual is wrapped into [-pi, pi].
+        impl: "sparse" or "dense", the path `forward(hb)` takes.
+    """
+
+    def __init__(
+        self,
+        raw_fields: list[str],
+        particle_fields: list[str],
+        dim: int = 32,
+        hidden_dim: int = 128,
+        num_layers: int = 3,
+        dropout: float = 0.0,
+        assignment_threshold: float = 0.1,
+        target_fields: list[str] = ("pt", "eta", "phi", "q"),
+        inverse_fields: list[str] = (),
+        periodic_fields: list[str] = ("phi",),
+        impl: str = "sparse",
+    ):
+        super().__init__()
+        raw_fields, particle_fields = list(raw_fields), list(particle_fields)
+        target_fields, inverse_fields, periodic_fields = map(list, (target_fields, inverse_fields, periodic_fields))
+        if impl not in IMPLS:
+            raise UserError(f"head impl must be one of {IMPLS}, not {impl!r}")
+        if not 0.0 < assignment_threshold < 1.0:
+            raise UserError(f"assignment_threshold must be in (0, 1), not {assignment_threshold}")
+        if num_layers < 1:
+            raise UserError(f"head num_layers must be >= 1, not {num_layers}")
+        if not target_fields:
+            raise UserError("head target_fields is empty")
+        for name in target_fields:
+            if name not in particle_fields:
+                raise UserError(f"target field '{name}' is not a particle field{did_you_mean(name, particle_fields)}")
+        for name in inverse_fields:
+            if name not in target_fields:
+                raise UserError(f"inverse field '{name}' is not a target field{did_you_mean(name, target_fields)}")
+            if name == "q" or name in periodic_fields:
+                raise UserError(f"inverse field '{name}' cannot be 'q' or a periodic field")
+        if inverse_fields and "q" not in particle_fields:
+            raise UserError("inverse_fields regress q / value and need 'q' among the particle fields")
+
+        self.raw_fields, self.particle_fields = raw_fields, particle_fields
+        self.target_fields, self.inverse_fields = target_fields, inverse_fields
+        self.periodic_fields = [f for f in periodic_fields if f in target_fields]
+        self.dim, self.hidden_dim, self.num_layers, self.dropout = dim, hidden_dim, num_layers, dropout
+        self.assignment_threshold, self.impl = assignment_threshold, impl
+
+        self.raw_hit_net = hit_net(len(raw_fields), dim)
+        self.encoded_hit_net = hit_net(dim, dim)
+        self.mlp = regression_mlp(9 * dim, hidden_dim, len(target_fields), num_layers, dropout)
+
+        T = len(target_fields)
+        self.register_buffer("target_mean", torch.zeros(T))
+        self.register_buffer("target_std", torch.ones(T))
+        self.register_buffer(
+            "_target_column", torch.tensor([particle_fields.index(f) for f in target_fields]), persistent=False
+        )
+        self.register_buffer("_inverse", torch.tensor([f in inverse_fields for f in target_fields]), persistent=False)
+        self.register_buffer(
+            "_periodic", torch.tensor([f in self.periodic_fields for f in target_fields]), persistent=False
+        )
+        self._q_column = particle_fields.index("q") if "q" in particle_fields else None
+
+    def head_config(self) -> dict:
+        """The init arguments, JSON-serialisable."""
+        return {
+            "raw_fields": list(self.raw_fields),
+            "particle_fields": list(self.particle_fields),
+            "dim": self.dim,
+            "hidden_dim": self.hidden_dim,
+            "num_layers": self.num_layers,
+            "dropout": self.dropout,
+            "assignment_threshold": self.assignment_threshold,
+            "target_fields": list(self.target_fields),
+            "inverse_fields": list(self.inverse_fields),
+            "periodic_fields": list(self.periodic_fields),
+            "impl": self.impl,
+        }
+
+    # ---- forward -------------------------------------------------------------------------
+
+    def forward(self, hb: HeadBatch) -> Tensor:
+        """[Q, T] scaled predictions, one row per query of `hb`, by `self.impl`."""
+        if self.impl == "sparse":
+            return self.forward_sparse(hb)
+        _, _, _, query_flat, _ = _padding_index(hb)
+        z = self.features_dense(*dense_inputs(hb))
+        return self.mlp(z.flatten(0, 1)[query_flat])
+
+    def forward_sparse(self, hb: HeadBatch) -> Tensor:
+        """[Q, T] scaled predictions from the pair list (pairs with p >= tau)."""
+        return self.mlp(self.features_sparse(hb))
+
+    def forward_dense(
+        self, query_embed: Tensor, hit_embed: Tensor, hit_raw: Tensor, track_hit_logit: Tensor, hit_valid: Tensor
+    ) -> Tensor:
+        """[B, N, T] scaled predictions from padded tensors (see `features_dense`)."""
+        return self.mlp(self.features_dense(query_embed, hit_embed, hit_raw, track_hit_logit, hit_valid))
+
+    def features_sparse(self, hb: HeadBatch) -> Tensor:
+        """z [Q, 9D]: query embedding and the 8 pools, by segment reductions over the pairs."""
+        p = torch.sigmoid(hb.pair_logit.float())
+        keep = p >= self.assignment_threshold
+        query, hit, wt = hb.pair_query[keep], hb.pair_hit[keep], p[keep]
+        Q = hb.query_embed.shape[0]
+        denom = wt.new_zeros(Q).index_add_(0, query, wt).clamp(min=1e-8)
+        w = wt / denom[query]
+        pools = [hb.query_embed]
+        for Z in (self.raw_hit_net(hb.hit_raw), self.encoded_hit_net(hb.hit_embed)):
+            Zp = Z[hit]
+            base = Zp.new_zeros((Q, Z.shape[1]))
+            seg = query[:, None].expand_as(Zp)
+            pools += [
+                base.index_add(0, query, w[:, None] * Zp),
+                base.index_add(0, query, wt[:, None] * Zp),
+                # include_self=False: rows without pairs keep the base's 0.
+                base.scatter_reduce(0, seg, Zp, "amax", include_self=False),
+                base.scatter_reduce(0, seg, Zp, "amin", include_self=False),
+            ]
+        return torch.cat(pools, dim=-1)
+
+    def features_dense(
+        self, query_embed: Tensor, hit_embed: Tensor, hit_raw: Tensor, track_hit_logit: Tensor, hit_valid: Tensor
+    ) -> Tensor:
+        """z [B, N, 9D] from query_embed [B, N, D], hit_embed [B, M, D], hit_raw [B, M, F],
+        track_hit_logit [B, N, M] and hit_valid bool [B, M]. Memory O(B·N·M·D)."""
+        if hit_embed.shape[1] == 0:  # a reduction over zero hits is undefined: add one invalid hit
+            hit_embed, hit_raw = F.pad(hit_embed, (0, 0, 0, 1)), F.pad(hit_raw, (0, 0, 0, 1))
+            track_hit_logit, hit_valid = F.pad(track_hit_logit, (0, 1)), F.pad(hit_valid, (0, 1))
+        p = torch.sigmoid(track_hit_logit.float())
+        A = (p >= self.assignment_threshold) & hit_valid[:, None, :]
+        wt = p * A
+        w = wt / wt.sum(-1, keepdim=True).clamp(min=1e-8)
+        has_hit = A.any(-1, keepdim=True)
+        pools = [query_embed]
+        for Z in (self.raw_hit_net(hit_raw), self.encoded_hit_net(hit_embed)):
+            Zb = Z[:, None, :, :].expand(-1, A.shape[1], -1, -1)
+            mask = A[..., None]
+            pools += [
+                w @ Z,
+                wt @ Z,
+                torch.where(has_hit, Zb.masked_fill(~mask, -math.inf).amax(2), 0.0),
+                torch.where(has_hit, Zb.masked_fill(~mask, math.inf).amin(2), 0.0),
+            ]
+        return torch.cat(pools, dim=-1)
+
+    # ---- targets and loss ----------------------------------------------------------------
+
+    def _regressed(self, particle_values: Tensor) -> Tensor:
+        """[Q, T_p] particle fields -> [Q, T] regressed quantities in physical units (q / x for inverse)."""
+        if particle_values.shape[-1] != len(self.particle_fields):
+            raise UserError(
+                f"particle values have {particle_values.shape[-1]} columns, the head expects "
+                f"{len(self.particle_fields)} ({', '.join(self.particle_fields)})"
+            )
+        x = particle_values.float()[:, self._target_column]
+        if self._q_column is None:
+            return x
+        q = particle_values.float()[:, self._q_column, None]
+        return torch.where(self._inverse, q / x, x)
+
+    def encode_targets(self, particle_values: Tensor) -> Tensor:
+        """[Q, T_p] particle fields -> [Q, T] scaled regression targets."""
+        return (self._regressed(particle_values) - self.target_mean) / self.target_std
+
+    def decode(self, pred: Tensor) -> dict[str, Tensor]:
+        """[Q, T] scaled predictions -> {field: [Q] physical value} per target field.
+
+        An inverse field f gives f = 1 / |y| (y = q / f); when "q" is not itself a target,
+        its sign is returned as "q". Periodic fields are wrapped into [-pi, pi).
+        """
+        y = pred * self.target_std + self.target_mean
+        out = {}
+        for i, name in enumerate(self.target_fields):
+            col = y[:, i]
+            if name in self.inverse_fields:
+                out[name] = 1.0 / col.abs()
+                if "q" not in self.target_fields:
+                    out["q"] = torch.sign(col)
+            elif name in self.periodic_fields:
+                out[name] = wrap_angle(col)
+            else:
+                out[name] = col
+        return out
+
+    def fit_scaling(self, particle_values: Tensor, valid: Tensor) -> None:
+        """Set `target_mean` / `target_std` [T] from [Q, T_p] particle values where valid [Q].
+
+        Periodic fields keep mean 0 and get the root mean square as std. A std below 1e-6
+        (a constant target) is clamped to 1e-6.
+        """
+        x = self._regressed(particle_values)[valid.bool()]
+        if x.shape[0] == 0:
+            raise UserError("cannot fit the target scaling: no valid (matched) particles")
+        mean = torch.where(self._periodic, 0.0, x.mean(0))
+        std = ((x - mean) ** 2).mean(0).sqrt().clamp(min=1e-6)
+        self.target_mean.copy_(mean)
+        self.target_std.copy_(std)
+
+    def loss(self, pred: Tensor, hb: HeadBatch) -> Tensor:
+        """Scalar smooth-L1 (beta 1) on scaled targets: mean over targets, then over valid queries.
+
+        Periodic residuals are wrapped into [-pi, pi) in physical units before scaling.
+        Without a valid query the loss is 0, still attached to the graph.
+        """
+        valid = hb.target_valid.bool()
+        target = torch.where(valid[:, None], self.encode_targets(hb.targets), 0.0)
+        diff = pred - target
+        wrapped = wrap_angle(diff * self.target_std) / self.target_std
+        diff = torch.where(self._periodic, wrapped, diff)
+        per_query = F.smooth_l1_loss(diff, torch.zeros_like(diff), reduction="none", beta=1.0).mean(-1)
+        per_query = torch.where(valid, per_query, 0.0)
+        return per_query.sum() / valid.sum().clamp(min=1)

@@ -1,0 +1,238 @@
+"""Stage-1 training of the MaskFormer (and, with `joint`, of the regression head with it).
+
+The joint option is the "joint training" baseline of the benchmarks: backbone and head
+trainable together, the head fed through the same `from_model_outputs` as the frozen paths.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from cachefeat.config import instantiate, section
+from cachefeat.data.events import EventFile, bucketed_batches
+from cachefeat.head.inputs import from_model_outputs
+from cachefeat.model.checkpoint import save_checkpoint
+from cachefeat.model.layers import count_parameters
+from cachefeat.model.metrics import event_metrics, summarize
+from cachefeat.training.accel import (
+    MetricsLog,
+    TrainState,
+    load_last_checkpoint,
+    make_accelerator,
+    save_checkpoint_state,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULTS = {
+    "epochs": 12,
+    "batch_size": 32,
+    "lr": 2e-3,
+    "weight_decay": 1e-5,
+    "grad_clip": 1.0,
+    "mixed_precision": "no",
+    "seed": 1,
+    "joint": False,
+    "head_loss_weight": 1.0,
+}
+
+
+class Stage1Step(nn.Module):
+    """Backbone (+ optional head): `forward(batch)` returns the training loss and its parts.
+
+    One module so that DistributedDataParallel sees a single forward per step.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module | None, raw_fields, particle_fields,
+                 head_loss_weight: float = 1.0):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.raw_fields = list(raw_fields)
+        self.particle_fields = list(particle_fields)
+        self.head_loss_weight = head_loss_weight
+
+    def forward(self, batch: dict):
+        outputs = self.backbone(batch)
+        loss, parts = self.backbone.loss(outputs, batch)
+        if self.head is not None:
+            target_index = self.backbone.match(outputs, batch)
+            hb = from_model_outputs(outputs, batch, target_index, self.head.assignment_threshold,
+                                    self.raw_fields, self.particle_fields)
+            head_loss = self.head.loss(self.head(hb), hb)
+            parts["head"] = float(head_loss.detach())
+            loss = loss + self.head_loss_weight * head_loss
+        return loss, outputs, parts
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def rank_batches(batches: list[np.ndarray], rank: int, world: int) -> list[np.ndarray]:
+    """This rank's share of a global batch list; every rank gets the same count."""
+    per_rank = len(batches) // world
+    return [batches[i * world + rank] for i in range(per_rank)]
+
+
+def build_stage1(config: dict, joint: bool = False):
+    """Instantiate the backbone (and the head when `joint`) from a config."""
+    data = config["data"]
+    backbone = instantiate(config["model"], "model", hit_fields=data["hit_fields"])
+    head = None
+    if joint:
+        head = instantiate(config["head"], "head", raw_fields=data["hit_fields"],
+                           particle_fields=data["particle_fields"])
+    return backbone, head
+
+
+def fit_head_scaling(head, events: EventFile) -> None:
+    """Standardise the head's targets on every valid particle of a training file."""
+    parts = []
+    for start in range(0, len(events), 1024):
+        batch = events.read(np.arange(start, min(start + 1024, len(events))))
+        fields = head.particle_fields
+        parts.append(torch.stack([batch[f"particle_{f}"] for f in fields], dim=-1)[batch["particle_valid"]])
+    values = torch.cat(parts)
+    head.fit_scaling(values, torch.ones(len(values), dtype=torch.bool))
+
+
+@torch.no_grad()
+def validate(step: Stage1Step, events: EventFile, batch_size: int, accelerator) -> dict:
+    """Validation loss and tracking metrics over this rank's share of `events` (gathered)."""
+    step.eval()
+    batches = rank_batches(bucketed_batches(events.hit_counts, batch_size, seed=None),
+                           accelerator.process_index, accelerator.num_processes)
+    totals: dict[str, float] = {}
+    loss_sum, n_batches = 0.0, 0
+    module = accelerator.unwrap_model(step)
+    for idx in batches:
+        batch = _to(events.read(idx), accelerator.device)
+        loss, outputs, _ = module(batch)
+        counts = event_metrics(outputs, batch, module.backbone.match(outputs, batch))
+        for key, value in counts.items():
+            totals[key] = totals.get(key, 0.0) + float(np.sum(value))
+        loss_sum += float(loss)
+        n_batches += 1
+    keys = sorted(totals) or ["n_particles"]
+    local = torch.tensor([totals.get(k, 0.0) for k in keys] + [loss_sum, n_batches],
+                         dtype=torch.float64, device=accelerator.device)
+    summed = accelerator.reduce(local, reduction="sum") if accelerator.num_processes > 1 else local
+    summed = summed.cpu().numpy()
+    metrics = summarize({k: np.array([summed[i]]) for i, k in enumerate(keys)})
+    metrics["val_loss"] = float(summed[-2] / max(summed[-1], 1))
+    step.train()
+    return metrics
+
+
+def pretrain(config: dict, train_path, val_path, run_dir, *, epochs: int | None = None,
+             batch_size: int | None = None, joint: bool | None = None, resume: bool = False,
+             seed: int | None = None, device: str | None = None) -> dict:
+    """Train stage 1 (or backbone + head jointly); returns the final validation metrics.
+
+    Writes RUN_DIR/stage1_best.ckpt, stage1_last.ckpt, metrics.json/csv and resumable
+    Accelerate checkpoints under RUN_DIR/checkpoints/.
+    """
+    settings = section(config, "pretrain", DEFAULTS)
+    for key, value in {"epochs": epochs, "batch_size": batch_size, "joint": joint, "seed": seed}.items():
+        if value is not None:
+            settings[key] = value
+    run_dir = Path(run_dir)
+    data = config["data"]
+    accelerator = make_accelerator(run_dir, settings["mixed_precision"], device=device)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(settings["seed"])
+
+    train = EventFile(train_path, data["hit_fields"], data["particle_fields"], data.get("max_hits"))
+    val = EventFile(val_path, data["hit_fields"], data["particle_fields"], data.get("max_hits"))
+    backbone, head = build_stage1(config, settings["joint"])
+    if head is not None:
+        fit_head_scaling(head, train)
+    accelerator.print(f"backbone: {count_parameters(backbone):,} trainable parameters"
+                      + (f"; head: {count_parameters(head):,} trainable parameters (joint)" if head else ""))
+    step = Stage1Step(backbone, head, data["hit_fields"], data["particle_fields"], settings["head_loss_weight"])
+
+    world = accelerator.num_processes
+    steps_per_epoch = len(bucketed_batches(train.hit_counts, settings["batch_size"], seed=0)) // world
+    if steps_per_epoch == 0:
+        raise ValueError("training file has fewer events than one global batch")
+    optimizer = torch.optim.AdamW(step.parameters(), lr=settings["lr"], weight_decay=settings["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=settings["lr"],
+                                                    total_steps=settings["epochs"] * steps_per_epoch)
+    step, optimizer, scheduler = accelerator.prepare(step, optimizer, scheduler)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    if resume and load_last_checkpoint(accelerator, run_dir) is not None:
+        accelerator.print(f"resumed at epoch {state.epoch}, step {state.global_step}")
+    metrics_log = MetricsLog(run_dir, accelerator.is_main_process)
+    module = accelerator.unwrap_model(step)
+
+    last: dict = {}
+    while state.epoch < settings["epochs"]:
+        batches = rank_batches(bucketed_batches(train.hit_counts, settings["batch_size"],
+                                                seed=settings["seed"], epoch=state.epoch),
+                               accelerator.process_index, world)
+        start = time.perf_counter()
+        n_events, loss_sum, loss_n = 0, 0.0, 0
+        bar = tqdm(total=len(batches), initial=state.step_in_epoch, unit="batch", leave=False,
+                   desc=f"epoch {state.epoch + 1}/{settings['epochs']}",
+                   disable=not accelerator.is_local_main_process)
+        step.train()
+        for idx in batches[state.step_in_epoch:]:
+            batch = _to(train.read(idx), accelerator.device)
+            loss, _, parts = step(batch)
+            accelerator.backward(loss)
+            if settings["grad_clip"]:
+                accelerator.clip_grad_norm_(step.parameters(), settings["grad_clip"])
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step_in_epoch += 1
+            state.global_step += 1
+            n_events += len(idx) * world
+            loss_sum += float(loss.detach())
+            loss_n += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum / loss_n:.4f}",
+                            ev_s=f"{n_events / (time.perf_counter() - start):.0f}")
+        bar.close()
+        elapsed = time.perf_counter() - start
+        val_metrics = validate(step, val, settings["batch_size"], accelerator)
+        state.epoch += 1
+        state.step_in_epoch = 0
+        last = {"epoch": state.epoch, "train_loss": loss_sum / max(loss_n, 1),
+                "events_per_s": n_events / elapsed, "lr": scheduler.get_last_lr()[0], **val_metrics}
+        state.history.append(last)
+        accelerator.print(
+            f"epoch {state.epoch}: train {last['train_loss']:.4f} val {last['val_loss']:.4f} "
+            f"eff@0.75 {last['eff_075']:.3f} fake {last['fake_rate']:.3f} "
+            f"({last['events_per_s']:.0f} events/s)")
+        if accelerator.is_main_process:
+            extra = _head_extra(module.head)
+            if last["val_loss"] < state.best_val:
+                state.best_val = last["val_loss"]
+                save_checkpoint(run_dir / "stage1_best.ckpt", module.backbone, config, metrics=last, **extra)
+            save_checkpoint(run_dir / "stage1_last.ckpt", module.backbone, config, metrics=last, **extra)
+        metrics_log.write(state.history)
+        save_checkpoint_state(accelerator, run_dir, state.global_step)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    train.close()
+    val.close()
+    return last
+
+
+def _head_extra(head) -> dict:
+    if head is None:
+        return {}
+    return {"head_state_dict": {k: v.detach().cpu() for k, v in head.state_dict().items()},
+            "head_config": head.head_config()}
+

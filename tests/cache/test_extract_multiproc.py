@@ -1,0 +1,31 @@
+"""Extraction under a 2-process launch (torchrun, gloo on CPU) equals the 1-process extraction."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(ref, cache, config_file, checkpoint, events_file, tmp_path):
+    """3 blocks over 2 ranks (rank 0: block 0, rank 1: blocks 1-2): the same arrays and bytes."""
+    torchrun = shutil.which("torchrun") or pytest.skip("torchrun is not installed")
+    out = tmp_path / "two.zarr"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
+    result = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "cachefeat", "extract",
+         "--config", str(config_file), "--checkpoint", str(checkpoint), "--input", str(events_file),
+         "--output", str(out), "--no-progress"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("extracted 72 events") == 1, result.stderr[-3000:]  # one summary, from rank 0
+
+    arrays_1, arrays_2 = ref.cache_arrays(cache), ref.cache_arrays(out)
+    for key in arrays_1:
+        assert (arrays_1[key] == arrays_2[key]).all(), key
+    assert ref.block_manifests(cache) == ref.block_manifests(out)

@@ -1,0 +1,361 @@
+"""CacheWriter/CacheReader round trips against a per-event numpy reference, on disk and in memory.
+
+The reference (`reference_batch`) concatenates per-event arrays with a Python loop; nothing
+in it comes from the cache code or `cachefeat.head.inputs.concat`.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from zarr.storage import MemoryStore
+
+from cachefeat.cache import CacheReader, CacheWriter, schema
+from cachefeat.errors import UserError
+from cachefeat.head.inputs import HeadBatch
+
+F, D, T, N = 3, 4, 2, 2
+RAW, PARTICLES = ["x", "y", "z"], ["pt", "eta"]
+METRICS = ["n_valid_hits", "n_pred"]
+BLOCK = 5
+E = 23  # 5 blocks, the last one partial
+ZERO_PAIR_BLOCK = 2  # every event of this block has no pair
+FIELDS = [
+    "event_id", "hit_offsets", "query_offsets", "hit_raw", "hit_embed", "query_embed", "query_valid_logit",
+    "query_slot", "target_index", "targets", "target_valid", "pair_query", "pair_hit", "pair_logit",
+]
+TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def make_events(seed: int = 0, num_events: int = E) -> list[dict]:
+    """Ragged events with event-local pairs; event 0 has no hit, event 1 no query, block 2 no pair."""
+    rng = np.random.default_rng(seed)
+    events = []
+    for e in range(num_events):
+        h = 0 if e == 0 else int(rng.integers(0, 7))
+        q = 0 if e == 1 else int(rng.integers(1, N + 1))
+        pairs = [(a, b) for a in range(q) for b in range(h) if rng.random() < 0.5]
+        if e // BLOCK == ZERO_PAIR_BLOCK or e == 3:
+            pairs = []
+        events.append({
+            "event_id": 1000 + 7 * e,
+            "hit_raw": rng.normal(size=(h, F)).astype(np.float32),
+            "hit_embed": rng.normal(size=(h, D)).astype(np.float32),
+            "query_embed": rng.normal(size=(q, D)).astype(np.float32),
+            "query_valid_logit": rng.normal(size=q).astype(np.float32),
+            "query_slot": rng.permutation(N)[:q].astype(np.int64),
+            "target_index": rng.integers(-1, 5, size=q).astype(np.int64),
+            "targets": rng.normal(size=(q, T)).astype(np.float32),
+            "target_valid": rng.random(q) < 0.5,
+            "pair_query": np.array([a for a, _ in pairs], dtype=np.int64),
+            "pair_hit": np.array([b for _, b in pairs], dtype=np.int64),
+            "pair_logit": rng.normal(size=len(pairs)).astype(np.float32),
+            "metrics": {"n_valid_hits": h + int(rng.integers(0, 4)), "n_pred": int(rng.integers(0, 3))},
+        })
+    return events
+
+
+def reference_batch(events: list[dict], embed_dtype: str = "float32") -> HeadBatch:
+    """Brute-force concatenation: offsets from a running count, pair rows shifted per event."""
+    out = {name: [] for name in FIELDS}
+    hit_base = query_base = 0
+    out["hit_offsets"], out["query_offsets"] = [0], [0]
+    for ev in events:
+        h, q = len(ev["hit_raw"]), len(ev["query_embed"])
+        out["event_id"].append(ev["event_id"])
+        for name in ("hit_raw", "hit_embed", "query_embed", "query_valid_logit", "query_slot", "target_index",
+                     "targets", "target_valid", "pair_logit"):
+            out[name].extend(list(ev[name]))
+        out["pair_query"].extend(int(i) + query_base for i in ev["pair_query"])
+        out["pair_hit"].extend(int(i) + hit_base for i in ev["pair_hit"])
+        hit_base += h
+        query_base += q
+        out["hit_offsets"].append(hit_base)
+        out["query_offsets"].append(query_base)
+
+    def stack(name, dtype, width=None):
+        values = out[name]
+        if width is not None:
+            return torch.from_numpy(np.array(values, dtype=dtype).reshape(len(values), width))
+        return torch.from_numpy(np.array(values, dtype=dtype))
+
+    embed = TORCH_DTYPE[embed_dtype]
+    return HeadBatch(
+        event_id=stack("event_id", np.int64), hit_offsets=stack("hit_offsets", np.int64),
+        query_offsets=stack("query_offsets", np.int64), hit_raw=stack("hit_raw", np.float32, F),
+        hit_embed=stack("hit_embed", np.float32, D).to(embed), query_embed=stack("query_embed", np.float32, D).to(embed),
+        query_valid_logit=stack("query_valid_logit", np.float32), query_slot=stack("query_slot", np.int64),
+        target_index=stack("target_index", np.int64), targets=stack("targets", np.float32, T),
+        target_valid=stack("target_valid", bool), pair_query=stack("pair_query", np.int64),
+        pair_hit=stack("pair_hit", np.int64), pair_logit=stack("pair_logit", np.float32),
+    )
+
+
+def block_metrics(events: list[dict]) -> dict[str, np.ndarray]:
+    return {m: np.array([ev["metrics"][m] for ev in events], dtype=np.int64) for m in METRICS}
+
+
+def make_writer(location, mode="create", fingerprint=None, embed_dtype="float32", num_events=E, **kw) -> CacheWriter:
+    return CacheWriter(location, fingerprint=fingerprint or {"checkpoint_sha256": "ab" * 32, "input_hash": "in1"},
+                       settings={"floor": 0.05, "keep_hits": "assigned"}, raw_fields=RAW, particle_fields=PARTICLES,
+                       dim=D, embed_dtype=embed_dtype, num_events=num_events, metric_names=METRICS,
+                       block_size=BLOCK, mode=mode, **kw)
+
+
+def write_blocks(writer: CacheWriter, events: list[dict], blocks=None, embed_dtype="float32") -> None:
+    for block in writer.pending_blocks() if blocks is None else blocks:
+        start, stop = writer.block_range(block)
+        writer.write_block(block, reference_batch(events[start:stop]), block_metrics(events[start:stop]))
+
+
+def write_cache(location, events, embed_dtype="float32", **kw):
+    writer = make_writer(location, embed_dtype=embed_dtype, num_events=len(events), **kw)
+    write_blocks(writer, events)
+    writer.finalize()
+    return location
+
+
+def assert_batches_equal(got: HeadBatch, want: HeadBatch) -> None:
+    for name in FIELDS:
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.dtype == b.dtype, (name, a.dtype, b.dtype)
+        assert a.shape == b.shape, (name, a.shape, b.shape)
+        assert torch.equal(a, b), name
+
+
+def manifests(location) -> dict:
+    """Every file of a cache (blocks and index) with [size, crc32c], from the manifests."""
+    reader = CacheReader(location)
+    out = {f"{schema.block_key(b)}/{k}": v for b, m in enumerate(reader._manifests) for k, v in m["files"].items()}
+    out.update({f"index/{k}": v for k, v in reader.attrs["index_files"].items()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def events():
+    return make_events()
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory, events):
+    """Complete caches of `events` by (store, embed dtype), written once per module on first use."""
+    made = {}
+
+    def get(kind: str = "local", embed_dtype: str = "float32"):
+        if (kind, embed_dtype) not in made:
+            location = tmp_path_factory.mktemp("caches") / f"{embed_dtype}.zarr" if kind == "local" else MemoryStore()
+            made[kind, embed_dtype] = write_cache(location, events, embed_dtype=embed_dtype)
+        return made[kind, embed_dtype]
+
+    return get
+
+
+# --- round trips ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind, embed_dtype", [("local", "float32"), ("local", "float16"), ("local", "bfloat16"),
+                                               ("memory", "float32"), ("memory", "bfloat16")])
+def test_round_trip(caches, events, kind, embed_dtype):
+    reader = CacheReader(caches(kind, embed_dtype))
+    assert reader.num_events == E and reader.num_blocks == 5 and reader.embed_dtype == embed_dtype
+    assert reader.raw_fields == RAW and reader.particle_fields == PARTICLES and reader.metric_names == METRICS
+    np.testing.assert_array_equal(reader.hit_counts, [len(ev["hit_raw"]) for ev in events])
+    np.testing.assert_array_equal(reader.query_counts, [len(ev["query_embed"]) for ev in events])
+    np.testing.assert_array_equal(reader.pair_counts, [len(ev["pair_logit"]) for ev in events])
+    np.testing.assert_array_equal(reader.event_id, [ev["event_id"] for ev in events])
+    for name, values in reader.metrics().items():
+        assert values.dtype == np.int64
+        np.testing.assert_array_equal(values, [ev["metrics"][name] for ev in events])
+    for block in range(reader.num_blocks):
+        lo, hi = block * BLOCK, min(E, (block + 1) * BLOCK)
+        assert_batches_equal(reader.read_block(block), reference_batch(events[lo:hi], embed_dtype))
+    assert reader.read_block(ZERO_PAIR_BLOCK).pair_logit.shape == (0,)
+    for start, stop in [(0, E), (3, 17), (9, 10), (10, 10), (0, 1), (22, 23)]:
+        assert_batches_equal(reader.read_events(start, stop), reference_batch(events[start:stop], embed_dtype))
+
+
+@pytest.mark.parametrize("embed_dtype", ["float16", "bfloat16"])
+def test_low_precision_is_torch_rounding(caches, events, embed_dtype):
+    """float16/bfloat16 storage is exactly torch's rounding of the float32 embeddings."""
+    got = CacheReader(caches("local", embed_dtype)).read_events(0, E)
+    exact = torch.from_numpy(np.concatenate([ev["hit_embed"] for ev in events]))
+    assert got.hit_embed.dtype == TORCH_DTYPE[embed_dtype]
+    assert torch.equal(got.hit_embed, exact.to(TORCH_DTYPE[embed_dtype]))
+    rel = 2.0 ** (-11 if embed_dtype == "float16" else -8)
+    torch.testing.assert_close(got.float().hit_embed, exact, rtol=rel, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["local", "memory"])
+def test_resident_batch_matches_brute_force(caches, events, kind):
+    resident = CacheReader(caches(kind)).load()
+    assert resident.num_events == E
+    rng = np.random.default_rng(1)
+    for size in (1, 4, 11, 30):
+        indices = rng.integers(0, E, size)  # repeats allowed
+        assert_batches_equal(resident.batch(indices), reference_batch([events[i] for i in indices]))
+    assert_batches_equal(resident.batch(torch.tensor([0, 1, 3])), reference_batch([events[i] for i in (0, 1, 3)]))
+    assert resident.batch([]).num_events == 0
+
+
+def _event_index(batch: HeadBatch) -> list[int]:
+    return [(int(i) - 1000) // 7 for i in batch.event_id]
+
+
+def test_epoch_batches_partition_equal_counts_and_determinism(caches, events):
+    resident = CacheReader(caches()).load()
+    for drop_last in (True, False):
+        per_rank = [list(resident.epoch_batches(4, seed=3, epoch=1, rank=r, world=2, drop_last=drop_last)) for r in range(2)]
+        assert len(per_rank[0]) == len(per_rank[1]) == (2 if drop_last else 3)
+        seen = []
+        for batches in per_rank:
+            for batch in batches:
+                ids = _event_index(batch)
+                assert_batches_equal(batch, reference_batch([events[i] for i in ids]))
+                seen += ids
+        assert len(seen) == len(set(seen)) == (16 if drop_last else E)
+    order = lambda epoch: [i for b in resident.epoch_batches(4, seed=3, epoch=epoch) for i in _event_index(b)]  # noqa: E731
+    assert order(1) == order(1)
+    assert order(1) != order(2)
+    perm = np.random.default_rng((3, 1)).permutation(E)
+    assert order(1) == perm[:20].tolist()
+
+
+@pytest.mark.parametrize("kind", ["local", "memory"])
+def test_stream_partition_equal_counts_and_determinism(caches, events, kind):
+    reader = CacheReader(caches(kind))
+
+    def run(epoch, world, drop_last=True, batch_size=3, buffer_blocks=2):
+        return [list(reader.stream(batch_size, seed=5, epoch=epoch, rank=r, world=world, buffer_blocks=buffer_blocks,
+                                   drop_last=drop_last)) for r in range(world)]
+
+    # one rank, no drop: every event exactly once, each batch equal to the brute force
+    (batches,) = run(0, 1, drop_last=False)
+    ids = [i for b in batches for i in _event_index(b)]
+    assert sorted(ids) == list(range(E))
+    for batch in batches:
+        assert_batches_equal(batch, reference_batch([events[i] for i in _event_index(batch)]))
+    assert [b.num_events for b in batches] == [3] * 7 + [2]
+
+    # two ranks: equal counts, disjoint events, each rank only from its blocks order[r::2]
+    per_rank = run(0, 2)
+    blocks = np.random.default_rng((5, 0)).permutation(5)
+    rank_events = [sum((list(range(b * BLOCK, min(E, (b + 1) * BLOCK))) for b in blocks[r::2]), []) for r in range(2)]
+    expected = min(len(rank_events[0]), len(rank_events[1])) // 3
+    assert [len(b) for b in per_rank] == [expected, expected]
+    for r, batches in enumerate(per_rank):
+        ids = [i for b in batches for i in _event_index(b)]
+        assert len(ids) == len(set(ids)) == 3 * expected
+        assert set(ids) <= set(rank_events[r])
+        for batch in batches:
+            assert_batches_equal(batch, reference_batch([events[i] for i in _event_index(batch)]))
+
+    flat = lambda runs: [[i for b in bs for i in _event_index(b)] for bs in runs]  # noqa: E731
+    assert flat(run(0, 2)) == flat(per_rank)
+    assert flat(run(1, 2)) != flat(per_rank)
+    assert flat(run(0, 1, buffer_blocks=1)) != flat(run(0, 1, buffer_blocks=3))
+
+
+def test_stream_stops_its_prefetch_thread(caches):
+    reader = CacheReader(caches())
+    before = threading.active_count()
+    stream = reader.stream(2, seed=0, epoch=0, buffer_blocks=1, prefetch=1)
+    next(stream)
+    stream.close()
+    assert threading.active_count() == before
+
+
+# --- writer modes, resume, ranks ----------------------------------------------------------------
+
+
+def test_create_refuses_existing_and_overwrite_replaces(tmp_path, events):
+    path = write_cache(tmp_path / "c.zarr", events[:7])
+    with pytest.raises(UserError, match="exists; use --overwrite"):
+        make_writer(path, num_events=7)
+    other = make_events(seed=9, num_events=7)
+    write_cache(path, other, mode="overwrite")
+    assert_batches_equal(CacheReader(path).read_events(0, 7), reference_batch(other))
+    assert not (path / ".lock").exists()
+
+    (tmp_path / "notacache").mkdir()
+    (tmp_path / "notacache" / "precious.txt").write_text("keep me")
+    with pytest.raises(UserError, match="not a cachefeat cache; refusing"):
+        make_writer(tmp_path / "notacache", mode="overwrite")
+    with pytest.raises(UserError, match="not empty"):
+        make_writer(tmp_path / "notacache")
+    assert (tmp_path / "notacache" / "precious.txt").read_text() == "keep me"
+
+
+def test_resume_skips_committed_blocks_and_gives_identical_files(tmp_path, caches, events):
+    once = caches()
+    path = tmp_path / "resumed.zarr"
+    writer = make_writer(path)
+    write_blocks(writer, events, blocks=[0, 1, 3])
+    writer.close()  # killed before finalize
+    (path / "blocks" / "000002" / "hits").mkdir(parents=True)  # debris of a block that never committed
+    (path / "blocks" / "000002" / "hits" / "junk").write_bytes(b"xx")
+
+    with pytest.raises(UserError, match="incomplete; use --resume or --overwrite"):
+        make_writer(path)
+    with pytest.raises(UserError, match=r"checkpoint weights differ.*input data differs.*settings.floor: 0.05 vs 0.1"):
+        CacheWriter(path, fingerprint={"checkpoint_sha256": "cd" * 32, "input_hash": "in2"},
+                    settings={"floor": 0.1, "keep_hits": "assigned"}, raw_fields=RAW, particle_fields=PARTICLES,
+                    dim=D, embed_dtype="float32", num_events=E, metric_names=METRICS, block_size=BLOCK, mode="resume")
+    with pytest.raises(UserError, match="block_size: 5 vs 4"):
+        CacheWriter(path, fingerprint={"checkpoint_sha256": "ab" * 32, "input_hash": "in1"},
+                    settings={"floor": 0.05, "keep_hits": "assigned"}, raw_fields=RAW, particle_fields=PARTICLES,
+                    dim=D, embed_dtype="float32", num_events=E, metric_names=METRICS, block_size=4, mode="resume")
+
+    writer = make_writer(path, mode="resume")
+    assert writer.pending_blocks() == [2, 4]
+    write_blocks(writer, events)
+    writer.finalize()
+    assert manifests(path) == manifests(once)
+    assert not (path / "blocks" / "000002" / "hits" / "junk").exists()
+    assert_batches_equal(CacheReader(path).read_events(0, E), reference_batch(events))
+
+
+def test_two_ranks_equal_one_writer(tmp_path, caches, events):
+    once = caches()
+    path = tmp_path / "ranks.zarr"
+    rank0 = make_writer(path, rank=0, world=2)
+    rank1 = make_writer(path, rank=1, world=2)  # after rank 0 (the caller's barrier)
+    assert rank0.my_blocks() == [0, 1] and rank1.my_blocks() == [2, 3, 4]
+    with pytest.raises(ValueError, match="not one of rank 1's blocks"):
+        rank1.write_block(0, reference_batch(events[:BLOCK]), block_metrics(events[:BLOCK]))
+    threads = [threading.Thread(target=write_blocks, args=(w, events)) for w in (rank1, rank0)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    rank1.close()
+    rank0.close()
+    rank0.finalize()
+    assert manifests(path) == manifests(once)
+    assert_batches_equal(CacheReader(path).read_events(0, E), reference_batch(events))
+
+
+def test_rank_without_root_and_finalize_with_missing_blocks(tmp_path, events):
+    with pytest.raises(RuntimeError, match="rank 0 must construct"):
+        make_writer(tmp_path / "nothing.zarr", rank=1, world=2)
+    writer = make_writer(tmp_path / "c.zarr")
+    write_blocks(writer, events, blocks=[0, 1])
+    with pytest.raises(UserError, match=r"3/5 blocks are not committed \(first: block 2\)"):
+        writer.finalize()
+
+
+def test_write_block_validates_its_input(tmp_path, events):
+    writer = make_writer(tmp_path / "c.zarr")
+    good = reference_batch(events[:BLOCK])
+    with pytest.raises(ValueError, match="holds events 0-4"):
+        writer.write_block(0, reference_batch(events[:4]), block_metrics(events[:4]))
+    with pytest.raises(ValueError, match="metrics must be exactly"):
+        writer.write_block(0, good, {"n_pred": np.zeros(BLOCK, np.int64)})
+    pair_event = torch.searchsorted(good.query_offsets, good.pair_query, right=True) - 1
+    other_hit = int(good.hit_offsets[pair_event[0] + 1]) % good.hit_raw.shape[0]  # a hit of another event
+    bad = HeadBatch(**{**good.__dict__, "pair_hit": torch.cat([torch.tensor([other_hit]), good.pair_hit[1:]])})
+    with pytest.raises(ValueError, match="same event"):
+        writer.write_block(0, bad, block_metrics(events[:BLOCK]))
+    writer.close()

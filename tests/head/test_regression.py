@@ -1,0 +1,430 @@
+"""Regression head: sparse == dense (outputs and gradients), hand-computed pools, loss and targets."""
+
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cachefeat.errors import UserError
+from cachefeat.head.inputs import HeadBatch, from_model_outputs
+from cachefeat.head.regression import RegressionHead, dense_inputs
+
+RAW = ["x", "y", "z", "r"]
+PARTICLE = ["pt", "eta", "phi", "q", "vz"]
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def close(a, b):
+    torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+
+
+def close_grad(a, b):
+    """Gradient entries are sums whose rounding error scales with the summed terms, not with
+    the (possibly cancelled) result: the absolute tolerance is scaled by the tensor's largest entry."""
+    scale = b.abs().max().item() if b.numel() else 0.0
+    torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL * max(1.0, scale))
+
+
+def make_padded(seed, B=3, N=3, M=12, D=8, P=3, hit_counts=None, logit_scale=3.0, logit_shift=0.0):
+    """Random model-like padded outputs and batch; embeddings are leaves that require grad."""
+    g = torch.Generator().manual_seed(seed)
+    hit_counts = torch.tensor(hit_counts if hit_counts is not None else [M] * B)
+    hit_valid = torch.arange(M)[None, :] < hit_counts[:, None]
+    # Padding hits get random logits too: the dense path must mask them through hit_valid.
+    logit = torch.randn(B, N, M, generator=g) * logit_scale + logit_shift
+    outputs = {
+        "hit_embed": torch.randn(B, M, D, generator=g).requires_grad_(),
+        "query_embed": torch.randn(B, N, D, generator=g).requires_grad_(),
+        "track_valid": torch.randn(B, N, generator=g),
+        "track_hit_logit": logit,
+    }
+    batch = {
+        "event_id": torch.arange(B) + 100,
+        "hit_valid": hit_valid,
+        "particle_valid": torch.ones(B, P, dtype=torch.bool),
+    }
+    for f in RAW:
+        batch[f"hit_{f}"] = torch.randn(B, M, generator=g)
+    for f in PARTICLE:
+        batch[f"particle_{f}"] = torch.rand(B, P, generator=g) + 0.5
+    target_index = torch.randint(-1, P, (B, N), generator=g)
+    return outputs, batch, target_index
+
+
+def dense_args(outputs, batch):
+    hit_raw = torch.stack([batch[f"hit_{f}"] for f in RAW], dim=-1)
+    return outputs["query_embed"], outputs["hit_embed"], hit_raw, outputs["track_hit_logit"], batch["hit_valid"]
+
+
+def make_head(seed, D=8, tau=0.1, **kw):
+    torch.manual_seed(seed)
+    kw.setdefault("hidden_dim", 16)
+    head = RegressionHead(RAW, PARTICLE, dim=D, assignment_threshold=tau, **kw)
+    # LayerNorm starts at weight 1 / bias 0; perturb so its parameters matter in the gradients.
+    with torch.no_grad():
+        for m in head.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.add_(torch.randn_like(m.weight) * 0.3)
+                m.bias.add_(torch.randn_like(m.bias) * 0.3)
+    return head
+
+
+def grads(out, head, leaves, seed=0):
+    """Gradients of a fixed random projection of `out` w.r.t. the head parameters and `leaves`."""
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    params = [p for p in head.parameters()]
+    return torch.autograd.grad((out * weight).sum(), params + list(leaves), allow_unused=True)
+
+
+def assert_sparse_equals_dense(head, outputs, batch, target_index, floor):
+    """sparse(hb) vs forward_dense on the original padded tensors; also forward(hb) with impl=dense."""
+    hb = from_model_outputs(outputs, batch, target_index, floor, RAW, PARTICLE)
+    B, N = outputs["query_embed"].shape[:2]
+    leaves = (outputs["hit_embed"], outputs["query_embed"])
+
+    sparse = head.forward_sparse(hb)
+    dense = head.forward_dense(*dense_args(outputs, batch))
+    T = len(head.target_fields)
+    assert sparse.shape == (B * N, T)
+    close(sparse, dense.reshape(B * N, T))
+    for gs, gd in zip(grads(sparse, head, leaves), grads(dense.reshape(B * N, T), head, leaves)):
+        if gs is None or gd is None:
+            assert gs is None and gd is None
+        else:
+            close_grad(gs, gd)
+
+    head.impl = "dense"
+    close(head(hb), sparse)
+    head.impl = "sparse"
+    return hb, sparse
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sparse_equals_dense_random(seed):
+    head = make_head(seed)
+    outputs, batch, target_index = make_padded(seed)
+    hb, _ = assert_sparse_equals_dense(head, outputs, batch, target_index, floor=0.05)
+    assert 0 < hb.pair_logit.shape[0] < 3 * 3 * 12  # the test is not trivially all or nothing
+
+
+@pytest.mark.parametrize(
+    "case, make_kw, floor, tau",
+    [
+        ("event without hits", dict(hit_counts=[12, 0, 5]), 0.05, 0.1),
+        ("padded batch", dict(B=4, hit_counts=[12, 3, 7, 1]), 0.05, 0.1),
+        ("tau above floor", {}, 0.02, 0.6),
+        ("floor equals tau", {}, 0.3, 0.3),
+    ],
+)
+def test_sparse_equals_dense_edge_cases(case, make_kw, floor, tau):
+    head = make_head(3, tau=tau)
+    outputs, batch, target_index = make_padded(3, **make_kw)
+    assert_sparse_equals_dense(head, outputs, batch, target_index, floor)
+
+
+def test_query_without_assigned_hits_and_all_noise_event():
+    head = make_head(4)
+    outputs, batch, target_index = make_padded(4)
+    with torch.no_grad():
+        outputs["track_hit_logit"][0, 1] = -30.0  # one query with no assigned hit
+        outputs["track_hit_logit"][2] = -30.0  # an all-noise event
+    hb, sparse = assert_sparse_equals_dense(head, outputs, batch, target_index, floor=0.05)
+    # Those queries see only their embedding: all 8 pools are zero.
+    z = head.features_sparse(hb)
+    for row in (1, 6, 7, 8):
+        assert torch.count_nonzero(z[row, 8:]) == 0
+    assert torch.count_nonzero(z[0, 8:]) > 0
+
+
+def test_only_matched_queries_kept_gives_padded_query_counts():
+    head = make_head(5)
+    outputs, batch, target_index = make_padded(5, B=4)
+    target_index[1] = -1  # event 1 keeps no query
+    hb = from_model_outputs(outputs, batch, target_index, 0.05, RAW, PARTICLE, keep_queries="matched", keep_hits="all")
+    dense = head.forward_dense(*dense_args(outputs, batch))
+    sparse = head.forward_sparse(hb)
+    close(sparse, dense[target_index >= 0])
+    head.impl = "dense"
+    close(head(hb), sparse)
+
+
+def test_dropout_same_seed_same_outputs_and_grads():
+    head = make_head(6, dropout=0.3).train()
+    outputs, batch, target_index = make_padded(6)
+    hb = from_model_outputs(outputs, batch, target_index, 0.05, RAW, PARTICLE)
+    leaves = (outputs["hit_embed"], outputs["query_embed"])
+    torch.manual_seed(123)
+    sparse = head.forward_sparse(hb)
+    torch.manual_seed(123)
+    dense = head.forward_dense(*dense_args(outputs, batch)).flatten(0, 1)
+    close(sparse, dense)
+    torch.manual_seed(124)
+    other = head.forward_sparse(hb)
+    assert not torch.allclose(sparse, other)  # dropout is really on
+    for gs, gd in zip(grads(sparse, head, leaves), grads(dense, head, leaves)):
+        close_grad(gs, gd)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, database=None)
+@given(
+    B=st.integers(1, 3),
+    N=st.integers(0, 3),
+    M=st.integers(0, 7),
+    D=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+    tau=st.sampled_from([0.1, 0.4, 0.8]),
+)
+def test_sparse_equals_dense_property(B, N, M, D, seed, tau):
+    g = torch.Generator().manual_seed(seed)
+    hit_counts = torch.randint(0, M + 1, (B,), generator=g).tolist()
+    head = make_head(seed, D=D, tau=tau)
+    outputs, batch, target_index = make_padded(seed, B=B, N=N, M=M, D=D, hit_counts=hit_counts)
+    assert_sparse_equals_dense(head, outputs, batch, target_index, floor=min(tau, 0.2))
+
+
+def test_dense_inputs_round_trip():
+    outputs, batch, target_index = make_padded(7, B=3, hit_counts=[12, 4, 0])
+    hb = from_model_outputs(outputs, batch, target_index, 0.05, RAW, PARTICLE, keep_queries="matched")
+    q, h, x, logit, valid = dense_inputs(hb)
+    counts_q, counts_h = hb.query_offsets.diff().tolist(), hb.hit_offsets.diff().tolist()
+    assert q.shape[:2] == (3, max(counts_q)) and h.shape[:2] == (3, max(counts_h))
+    assert valid.sum(1).tolist() == counts_h
+    # Every stored pair is found at its padded position; everything else is -1e4.
+    found = 0
+    for e in range(3):
+        q0, h0 = hb.query_offsets[e].item(), hb.hit_offsets[e].item()
+        for i in range(counts_q[e]):
+            close(q[e, i], hb.query_embed[q0 + i])
+        for j in range(counts_h[e]):
+            close(h[e, j], hb.hit_embed[h0 + j])
+            close(x[e, j], hb.hit_raw[h0 + j])
+    for pq, ph, pl in zip(hb.pair_query.tolist(), hb.pair_hit.tolist(), hb.pair_logit.tolist()):
+        e = int(torch.searchsorted(hb.query_offsets, pq, right=True)) - 1
+        assert logit[e, pq - hb.query_offsets[e], ph - hb.hit_offsets[e]].item() == pl
+        found += 1
+    assert (logit != -1e4).sum().item() == found == hb.pair_logit.shape[0]
+
+
+# ---- hand-computed pools ------------------------------------------------------------------
+
+
+def identity_head(tau=0.1):
+    head = RegressionHead(["a", "b"], PARTICLE, dim=2, hidden_dim=4, assignment_threshold=tau)
+    with torch.no_grad():
+        for net in (head.raw_hit_net, head.encoded_hit_net):
+            for i in (0, 2):
+                net[i].weight.copy_(torch.eye(2))
+                net[i].bias.zero_()
+    return head  # R = relu(X), E = relu(H)
+
+
+def logit_of(p):
+    return math.log(p / (1 - p))
+
+
+def test_pools_hand_computed():
+    head = identity_head()
+    X = torch.tensor([[1.0, 2.0], [4.0, 0.5], [9.0, 9.0]])
+    H = torch.tensor([[3.0, 1.0], [2.0, 5.0], [7.0, 7.0]])
+    Qe = torch.tensor([[0.7, -0.2], [0.1, 0.3]])
+    # Query 0: hits 0, 1 at p = 0.8, 0.6 and hit 2 at p = 0.05 < tau. Query 1: only hit 2 (below tau).
+    hb = HeadBatch(
+        event_id=torch.tensor([0]),
+        hit_offsets=torch.tensor([0, 3]),
+        query_offsets=torch.tensor([0, 2]),
+        hit_raw=X,
+        hit_embed=H,
+        query_embed=Qe,
+        query_valid_logit=torch.zeros(2),
+        query_slot=torch.tensor([0, 1]),
+        target_index=torch.tensor([0, -1]),
+        targets=torch.zeros(2, 5),
+        target_valid=torch.tensor([True, False]),
+        pair_query=torch.tensor([0, 0, 0, 1]),
+        pair_hit=torch.tensor([0, 1, 2, 2]),
+        pair_logit=torch.tensor([logit_of(0.8), logit_of(0.6), logit_of(0.05), logit_of(0.05)]),
+    )
+    # w~ = (0.8, 0.6), w = (4/7, 3/7).
+    expected_q0 = [0.7, -0.2]
+    expected_q0 += [16 / 7, 9.5 / 7, 3.2, 1.9, 4.0, 2.0, 1.0, 0.5]  # R = X: mean, sum, max, min
+    expected_q0 += [18 / 7, 19 / 7, 3.6, 3.8, 3.0, 5.0, 2.0, 1.0]  # E = H
+    expected = torch.tensor([expected_q0, [0.1, 0.3] + [0.0] * 16])
+    close(head.features_sparse(hb), expected)
+
+    # Dense: the same event plus a padding hit with a high logit that hit_valid must exclude.
+    logit = torch.full((1, 2, 4), logit_of(0.05))
+    logit[0, 0, :2] = torch.tensor([logit_of(0.8), logit_of(0.6)])
+    logit[0, :, 3] = 10.0
+    pad = torch.tensor([[100.0, 100.0]])
+    valid = torch.tensor([[True, True, True, False]])
+    z = head.features_dense(Qe[None], torch.cat([H, pad])[None], torch.cat([X, pad])[None], logit, valid)
+    close(z[0], expected)
+
+
+def test_dense_without_any_hit():
+    head = identity_head()
+    z = head.features_dense(
+        torch.ones(2, 1, 2),
+        torch.zeros(2, 0, 2),
+        torch.zeros(2, 0, 2),
+        torch.zeros(2, 1, 0),
+        torch.zeros(2, 0, dtype=torch.bool),
+    )
+    close(z, torch.cat([torch.ones(2, 1, 2), torch.zeros(2, 1, 16)], -1))
+
+
+# ---- loss ----------------------------------------------------------------------------------
+
+
+def loss_batch(targets, valid):
+    Q = targets.shape[0]
+    return HeadBatch(
+        event_id=torch.tensor([0]),
+        hit_offsets=torch.tensor([0, 0]),
+        query_offsets=torch.tensor([0, Q]),
+        hit_raw=torch.zeros(0, 2),
+        hit_embed=torch.zeros(0, 2),
+        query_embed=torch.zeros(Q, 2),
+        query_valid_logit=torch.zeros(Q),
+        query_slot=torch.arange(Q),
+        target_index=torch.where(torch.tensor(valid), 0, -1),
+        targets=targets,
+        target_valid=torch.tensor(valid),
+        pair_query=torch.zeros(0, dtype=torch.long),
+        pair_hit=torch.zeros(0, dtype=torch.long),
+        pair_logit=torch.zeros(0),
+    )
+
+
+def particles(**cols):
+    """[Q, 5] particle values in PARTICLE order from named columns (missing ones 0)."""
+    Q = len(next(iter(cols.values())))
+    return torch.stack([torch.tensor(cols.get(f, [0.0] * Q), dtype=torch.float32) for f in PARTICLE], -1)
+
+
+def test_loss_hand_computed():
+    head = RegressionHead(["a"], PARTICLE, dim=2, target_fields=["pt", "eta"])
+    pred = torch.tensor([[1.0, 0.0], [0.2, 0.1], [5.0, 5.0]], requires_grad=True)
+    hb = loss_batch(particles(pt=[0.5, 0.2, 0.0], eta=[2.5, 0.3, 0.0]), [True, True, False])
+    # Query 0: d = (0.5, -2.5) -> (0.125, 2.0); query 1: d = (0, -0.2) -> (0, 0.02); query 2 invalid.
+    expected = ((0.125 + 2.0) / 2 + (0.0 + 0.02) / 2) / 2
+    loss = head.loss(pred, hb)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    assert torch.count_nonzero(pred.grad[2]) == 0
+
+    # Scaled targets: (value - mean) / std.
+    with torch.no_grad():
+        head.target_mean.copy_(torch.tensor([0.1, 0.0]))
+        head.target_std.copy_(torch.tensor([2.0, 1.0]))
+    # Query 0 pt: target (0.5 - 0.1) / 2 = 0.2, d = 0.8 -> 0.32; query 1 pt: target 0.05, d = 0.15 -> 0.01125.
+    expected = ((0.32 + 2.0) / 2 + (0.01125 + 0.02) / 2) / 2
+    assert head.loss(pred, hb).item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("std", [1.0, 2.0])
+def test_loss_wraps_phi(std):
+    head = RegressionHead(["a"], PARTICLE, dim=2, target_fields=["phi"])
+    with torch.no_grad():
+        head.target_std.fill_(std)
+    pred = torch.tensor([[3.1 / std]])
+    hb = loss_batch(particles(phi=[-3.1]), [True])
+    residual = (6.2 - 2 * math.pi) / std  # 3.1 - (-3.1) = 6.2 rad, wrapped
+    assert head.loss(pred, hb).item() == pytest.approx(0.5 * residual**2, rel=1e-4)
+    assert head.loss(pred, hb).item() < 0.01
+
+
+def test_loss_without_valid_query_is_zero_with_grad():
+    head = RegressionHead(["a"], PARTICLE, dim=2, target_fields=["pt"], inverse_fields=["pt"])
+    pred = torch.tensor([[0.3], [1.0]], requires_grad=True)
+    hb = loss_batch(particles(pt=[0.0, 0.0], q=[0.0, 0.0]), [False, False])  # q / pt = nan there
+    loss = head.loss(pred, hb)
+    assert loss.item() == 0.0 and loss.grad_fn is not None
+    loss.backward()
+    assert torch.equal(pred.grad, torch.zeros(2, 1))
+
+
+# ---- targets -------------------------------------------------------------------------------
+
+
+def test_inverse_targets_round_trip():
+    g = torch.Generator().manual_seed(8)
+    pt = torch.rand(20, generator=g) * 50 + 0.5
+    q = torch.where(torch.rand(20, generator=g) > 0.5, 1.0, -1.0)
+    eta = torch.randn(20, generator=g)
+    values = particles(pt=pt.tolist(), eta=eta.tolist(), q=q.tolist())
+    valid = torch.ones(20, dtype=torch.bool)
+    for targets in (["pt", "eta", "q"], ["pt", "eta"]):
+        head = RegressionHead(["a"], PARTICLE, dim=2, target_fields=targets, inverse_fields=["pt"])
+        head.fit_scaling(values, valid)
+        enc = head.encode_targets(values)
+        qpt = (q / pt).double()
+        close(enc[:, 0], ((qpt - qpt.mean()) / qpt.std(unbiased=False)).float())
+        out = head.decode(enc)
+        torch.testing.assert_close(out["pt"], pt, rtol=1e-4, atol=0)
+        assert torch.equal(out["q"].sign(), q)
+
+
+def test_fit_scaling_matches_numpy_and_is_saved():
+    g = torch.Generator().manual_seed(9)
+    values = torch.randn(30, 5, generator=g) * 3 + 1
+    valid = torch.rand(30, generator=g) > 0.3
+    head = RegressionHead(["a"], PARTICLE, dim=2)  # targets pt, eta, phi, q; phi periodic
+    head.fit_scaling(values, valid)
+    ref = values[valid][:, [0, 1, 2, 3]].double().numpy()
+    mean = ref.mean(0)
+    mean[2] = 0.0
+    std = ref.std(0)
+    std[2] = (ref[:, 2] ** 2).mean() ** 0.5
+    close(head.target_mean, torch.tensor(mean, dtype=torch.float32))
+    close(head.target_std, torch.tensor(std, dtype=torch.float32))
+
+    fresh = RegressionHead(**json.loads(json.dumps(head.head_config())))
+    fresh.load_state_dict(head.state_dict())
+    close(fresh.encode_targets(values), head.encode_targets(values))
+    with pytest.raises(UserError, match="no valid"):
+        head.fit_scaling(values, torch.zeros(30, dtype=torch.bool))
+
+
+def test_decode_wraps_phi():
+    head = RegressionHead(["a"], PARTICLE, dim=2, target_fields=["phi", "eta"])
+    out = head.decode(torch.tensor([[3.0 * math.pi / 2, 1.5]]))
+    assert out["phi"].item() == pytest.approx(-math.pi / 2, abs=1e-6)
+    assert out["eta"].item() == 1.5
+
+
+# ---- construction --------------------------------------------------------------------------
+
+
+def test_reference_size_and_config():
+    head = RegressionHead([f"f{i}" for i in range(10)], PARTICLE, dim=32, hidden_dim=128, num_layers=3)
+    # Hit nets 10*32+32 + 32*32+32 and 2*(32*32+32); MLP 288*128+128 + 2*128 + 128*128+128 + 2*128 + 128*4+4.
+    expected = (352 + 1056) + 2 * 1056 + (36992 + 256 + 16512 + 256 + 516)
+    assert sum(p.numel() for p in head.parameters()) == expected == 58052
+    assert set(head.state_dict()) >= {"target_mean", "target_std"}
+    config = head.head_config()
+    assert RegressionHead(**json.loads(json.dumps(config))).head_config() == config
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(target_fields=["ptt"]), "did you mean 'pt'"),
+        (dict(inverse_fields=["vz"]), "not a target field"),
+        (dict(inverse_fields=["q"]), "cannot be 'q'"),
+        (dict(impl="fast"), "impl"),
+        (dict(assignment_threshold=0.0), "assignment_threshold"),
+        (dict(num_layers=0), "num_layers"),
+    ],
+)
+def test_bad_config_is_a_user_error(kw, match):
+    with pytest.raises(UserError, match=match):
+        RegressionHead(["a"], PARTICLE, **kw)
+
+
+def test_inverse_needs_charge():
+    with pytest.raises(UserError, match="need 'q'"):
+        RegressionHead(["a"], ["pt", "eta"], target_fields=["pt"], inverse_fields=["pt"])
