@@ -67,7 +67,17 @@ def apply_override(cfg: dict, item: str) -> None:
         raise UserError(f"override '{dotted}': {'.'.join(keys[:-1])} is not a mapping")
     if last not in node and not (keys[-2:-1] == ["init_args"] or len(keys) == 1):
         raise UserError(f"override '{dotted}': no key '{last}'{did_you_mean(last, node.keys())}")
-    node[last] = yaml.safe_load(raw)
+    node[last] = parse_value(raw)
+
+
+def parse_value(raw: str):
+    """A command-line value as YAML would read it, except that `1e-3` is a float (YAML 1.1 says str)."""
+    for cast in (int, float):
+        try:
+            return cast(raw)
+        except ValueError:
+            pass
+    return yaml.safe_load(raw)
 
 
 def section(cfg: dict, name: str, defaults: dict) -> dict:

@@ -10,5 +10,13 @@ from cachefeat.cache.reader import CacheReader, ResidentCache, cache_summary, op
 from cachefeat.cache.schema import FORMAT_VERSION
 from cachefeat.cache.writer import CacheWriter
 
-__all__ = ["CacheReader", "CacheWriter", "FORMAT_VERSION", "ResidentCache", "cache_summary", "fingerprint_diff",
-           "make_fingerprint", "open_cache"]
+__all__ = [
+    "CacheReader",
+    "CacheWriter",
+    "FORMAT_VERSION",
+    "ResidentCache",
+    "cache_summary",
+    "fingerprint_diff",
+    "make_fingerprint",
+    "open_cache",
+]

@@ -188,7 +188,7 @@ def extract(
     this process's rank and the content settings.
     """
     from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list, gather_object
+    from accelerate.utils import gather_object
 
     from cachefeat.cache.fingerprint import make_fingerprint
     from cachefeat.cache.frozen import FrozenBackbone, backbone_fingerprint_inputs
@@ -225,30 +225,18 @@ def extract(
         rank=state.process_index, world=state.num_processes,
     )
 
-    # Rank 0 creates (or checks) the store; the others open it once it exists. A failure on
-    # rank 0 is broadcast so that no rank waits at a barrier for a store that will not come.
-    writer, failure = None, [None]
-    if state.is_main_process:
-        try:
-            writer = CacheWriter(output, mode=mode, **writer_args)
-        except Exception as exc:
-            if not (isinstance(exc, UserError) or _disk_full(exc)):
-                raise
-            failure = [str(_as_user_error(exc, output))]
-    if distributed:
-        broadcast_object_list(failure)
-    if failure[0] is not None:
-        raise UserError(failure[0])
+    # Rank 0 creates (or checks) the store, then the others open it.
+    writer = _on_main(state, output, lambda: CacheWriter(output, mode=mode, **writer_args))
     if writer is None:
         writer = CacheWriter(output, mode="resume", **writer_args)
 
-    stats = {"events": 0, "valid_hits": 0, "hits": 0, "queries": 0, "pairs": 0,
-             "blocks_written": 0, "blocks_skipped": len(writer.my_blocks()) - len(writer.pending_blocks())}
     pending = writer.pending_blocks()
+    stats = {"events": 0, "valid_hits": 0, "hits": 0, "queries": 0, "pairs": 0,
+             "blocks_written": 0, "blocks_skipped": len(writer.my_blocks()) - len(pending)}
     total = sum(writer.block_range(b)[1] - writer.block_range(b)[0] for b in pending)
     started = time.perf_counter()
+    bar = _progress_bar(total, state.num_processes, enabled=progress and state.is_main_process)
     error = None
-    bar = _progress_bar(total, enabled=progress and state.is_main_process)
     try:
         for block in pending:
             start, stop = writer.block_range(block)
@@ -279,10 +267,7 @@ def extract(
     failed = [(rank, msg) for rank, (msg, _) in enumerate(reports) if msg is not None]
     if failed:
         raise UserError(f"extraction failed on rank {failed[0][0]}: {failed[0][1]}")
-    if distributed:
-        state.wait_for_everyone()
-    if state.is_main_process:
-        writer.finalize()
+    _on_main(state, output, writer.finalize)
 
     summary = {key: sum(s[key] for _, s in reports) for key in stats if key != "seconds"}
     summary["seconds"] = max(s["seconds"] for _, s in reports)
@@ -291,10 +276,33 @@ def extract(
     return summary
 
 
-def _progress_bar(total: int, enabled: bool):
+def _on_main(state, output: Path, fn):
+    """fn() on rank 0 only (None elsewhere). A failure is broadcast and raised on every rank,
+    so that no rank waits forever at a later collective."""
+    from accelerate.utils import broadcast_object_list
+
+    result, error, message = None, None, [None]
+    if state.is_main_process:
+        try:
+            result = fn()
+        except Exception as exc:
+            error = _as_user_error(exc, output)
+            message = [str(error)]
+    if state.num_processes > 1:
+        broadcast_object_list(message)
+    if error is not None:
+        raise error
+    if message[0] is not None:
+        raise UserError(f"rank 0 failed: {message[0]}")
+    return result
+
+
+def _progress_bar(total: int, world: int, enabled: bool):
+    """Rank 0's bar (its own blocks) on stderr."""
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="ev", desc="extract", disable=not enabled, dynamic_ncols=True)
+    desc = "extract" if world == 1 else f"extract (rank 0 of {world})"
+    return tqdm(total=total, unit="ev", desc=desc, disable=not enabled, dynamic_ncols=True)
 
 
 def _update_bar(bar, n: int, stats: dict, writer, started: float) -> None:

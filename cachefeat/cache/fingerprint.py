@@ -26,7 +26,9 @@ _LABELS = {
 }
 
 
-def make_fingerprint(*, checkpoint_sha256: str, backbone_config: dict, input_hash: str, settings: dict) -> dict:
+def make_fingerprint(
+    *, checkpoint_sha256: str, backbone_config: dict, input_hash: str, settings: dict
+) -> dict:
     """The fingerprint of a cache extracted with these inputs.
 
     `settings` may hold any extraction settings; only CONTENT_SETTINGS present in it are kept.
@@ -37,8 +39,12 @@ def make_fingerprint(*, checkpoint_sha256: str, backbone_config: dict, input_has
         "backbone_config_hash": stable_hash(backbone_config),
         "input_hash": input_hash,
         "settings": {k: settings[k] for k in CONTENT_SETTINGS if k in settings},
-        "versions": {"cachefeat": cachefeat.__version__, "torch": torch.__version__,
-                     "zarr": zarr.__version__, "numpy": np.__version__},
+        "versions": {
+            "cachefeat": cachefeat.__version__,
+            "torch": torch.__version__,
+            "zarr": zarr.__version__,
+            "numpy": np.__version__,
+        },
     }
 
 

@@ -108,4 +108,6 @@ class FrozenBackbone:
                 outputs, batch, target_index, floor, self.raw_fields, self.particle_fields,
                 keep_hits=keep_hits, keep_queries=keep_queries,
             )
-        return hb, metrics
+        # Cloned outside inference mode: the live training path backpropagates through the head
+        # on these tensors, which autograd refuses for inference tensors.
+        return hb.clone(), metrics

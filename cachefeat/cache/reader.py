@@ -16,8 +16,8 @@ import math
 import queue
 import threading
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ from cachefeat.head.inputs import HeadBatch, concat
 log = logging.getLogger(__name__)
 
 
-def open_cache(path) -> "CacheReader":
+def open_cache(path) -> CacheReader:
     """Open a complete cache for reading (all checks on)."""
     return CacheReader(path)
 
@@ -52,30 +52,51 @@ class CacheReader:
         self._store, _ = schema.open_store(path, read_only=True)
         attrs = schema.node_attributes(self._store, [""])[0]
         if attrs is None or "format_version" not in attrs:
-            raise UserError(f"{self._where} is not a cachefeat cache (no format_version in its root zarr.json)")
+            raise UserError(
+                f"{self._where} is not a cachefeat cache (no format_version in its root zarr.json)"
+            )
         if attrs["format_version"] != schema.FORMAT_VERSION:
-            raise UserError(f"cache {self._where} has format version {attrs['format_version']}, this cachefeat reads "
-                            f"version {schema.FORMAT_VERSION}: re-extract it with --overwrite")
+            raise UserError(
+                f"cache {self._where} has format version {attrs['format_version']}, this cachefeat reads "
+                f"version {schema.FORMAT_VERSION}: re-extract it with --overwrite"
+            )
         self.attrs = attrs
-        for name in ("fingerprint", "settings", "raw_fields", "particle_fields", "dim", "embed_dtype",
-                     "num_events", "block_size", "metric_names"):
+        for name in (
+            "fingerprint",
+            "settings",
+            "raw_fields",
+            "particle_fields",
+            "dim",
+            "embed_dtype",
+            "num_events",
+            "block_size",
+            "metric_names",
+        ):
             setattr(self, name, attrs[name])
         self.num_blocks = schema.num_blocks(self.num_events, self.block_size)
-        self._manifests = schema.node_attributes(self._store, [schema.block_key(b) for b in range(self.num_blocks)])
+        self._manifests = schema.node_attributes(
+            self._store, [schema.block_key(b) for b in range(self.num_blocks)]
+        )
         committed = [bool(m and m.get("committed")) for m in self._manifests]
         if not attrs.get("complete"):
-            raise UserError(f"cache {self._where} is incomplete ({sum(committed)}/{self.num_blocks} blocks committed): "
-                            "resume with `cachefeat extract ... --resume`")
+            raise UserError(
+                f"cache {self._where} is incomplete ({sum(committed)}/{self.num_blocks} blocks committed): "
+                "resume with `cachefeat extract ... --resume`"
+            )
         if not all(committed):
             block = committed.index(False)
-            raise UserError(f"cache {self._where} is damaged: block {block} is not committed ({self._events_text(block)})")
+            raise UserError(
+                f"cache {self._where} is damaged: block {block} is not committed ({self._events_text(block)})"
+            )
         if check_files:
             self._check(content=False)
 
         index = self._read_index(["hit_counts", "query_counts", "pair_counts", "event_id"])
         self.hit_counts, self.query_counts, self.pair_counts, self.event_id = index
-        self._offsets = {sym: np.concatenate([[0], np.cumsum(c)]).astype(np.int64)
-                         for sym, c in zip("HQP", (self.hit_counts, self.query_counts, self.pair_counts))}
+        self._offsets = {
+            sym: np.concatenate([[0], np.cumsum(c)]).astype(np.int64)
+            for sym, c in zip("HQP", (self.hit_counts, self.query_counts, self.pair_counts))
+        }
         self._cols = {"F": len(self.raw_fields), "D": self.dim, "T": len(self.particle_fields)}
         self._metrics: dict[str, np.ndarray] | None = None
 
@@ -86,13 +107,26 @@ class CacheReader:
         return f"events {start}-{stop - 1}"
 
     def _check(self, content: bool) -> None:
-        """Raise on the first file listed in a manifest that is missing, of the wrong size or (with `content`) of the wrong crc32c."""
-        parts = [(schema.block_key(b), m["files"], self._events_text(b)) for b, m in enumerate(self._manifests)]
-        parts.append((schema.INDEX, self.attrs.get("index_files") or {}, "the per-event index"))
-        for prefix, files, what in parts:
-            problems = schema.check_manifest_files(self._store, prefix, files, content=content)
+        """Raise on the first file listed in a manifest that is missing, of the wrong size or
+        (with `content`) of the wrong crc32c."""
+        parts = [
+            (schema.prefixed(schema.block_key(b), m["files"]), self._events_text(b))
+            for b, m in enumerate(self._manifests)
+        ]
+        parts.append(
+            (schema.prefixed(schema.INDEX, self.attrs.get("index_files") or {}), "the per-event index")
+        )
+        if content:  # one block at a time, so memory stays at one block's files
+            checks = [(schema.check_files(self._store, files, content=True), what) for files, what in parts]
+        else:  # all sizes in one concurrent sweep
+            where = {key: what for files, what in parts for key in files}
+            problems = schema.check_files(self._store, {k: v for files, _ in parts for k, v in files.items()})
+            checks = [([p], where[p.split(" ", 1)[0]]) for p in problems[:1]]
+        for problems, what in checks:
             if problems:
-                raise UserError(f"cache {self._where} is damaged: {problems[0]} ({what}); re-extract it with --overwrite")
+                raise UserError(
+                    f"cache {self._where} is damaged: {problems[0]} ({what}); re-extract it with --overwrite"
+                )
 
     def verify(self) -> None:
         """Check the crc32c of every file against the manifests (reads the whole cache)."""
@@ -110,7 +144,9 @@ class CacheReader:
         for (path, _, what), result in zip(requests, results):
             if isinstance(result, (ValueError, RuntimeError, OSError)):
                 kind = "checksum mismatch" if "checksum" in str(result) else f"cannot decode ({result})"
-                raise UserError(f"{kind} in {path} ({what}): the cache is corrupted, re-extract with --overwrite") from result
+                raise UserError(
+                    f"{kind} in {path} ({what}): the cache is corrupted, re-extract with --overwrite"
+                ) from result
             if isinstance(result, BaseException):
                 raise result
         return results
@@ -142,10 +178,13 @@ class CacheReader:
             parts[spec.key].append(values)
 
         n = stop - start
-        offsets = {sym: off[start:stop + 1] - off[start] for sym, off in self._offsets.items()}
+        offsets = {sym: off[start : stop + 1] - off[start] for sym, off in self._offsets.items()}
         pair_event = np.repeat(np.arange(n), self.pair_counts[start:stop])
-        out = {"event_id": torch.from_numpy(self.event_id[start:stop].copy()),
-               "hit_offsets": torch.from_numpy(offsets["H"]), "query_offsets": torch.from_numpy(offsets["Q"])}
+        out = {
+            "event_id": torch.from_numpy(self.event_id[start:stop].copy()),
+            "hit_offsets": torch.from_numpy(offsets["H"]),
+            "query_offsets": torch.from_numpy(offsets["Q"]),
+        }
         for spec in schema.DATA_ARRAYS:
             if parts[spec.key]:
                 values = np.concatenate(parts[spec.key])
@@ -158,10 +197,10 @@ class CacheReader:
                 values = values.astype(np.int64) + offsets["H"][pair_event]
             elif values.dtype.kind in "iu" and spec.dtype != "embed":
                 values = values.astype(np.int64)
-            tensor = torch.from_numpy(values)
             if spec.dtype == "embed" and self.embed_dtype == "bfloat16":
-                tensor = torch.from_numpy(values.view(np.int16)).view(torch.bfloat16)
-            out[spec.field] = tensor
+                out[spec.field] = torch.from_numpy(values.view(np.int16)).view(torch.bfloat16)
+            else:
+                out[spec.field] = torch.from_numpy(values)
         return HeadBatch(**out)
 
     def metrics(self) -> dict[str, np.ndarray]:
@@ -171,12 +210,21 @@ class CacheReader:
             self._metrics = dict(zip(self.metric_names, values))
         return {k: v.copy() for k, v in self._metrics.items()}
 
-    def load(self, device="cpu") -> "ResidentCache":
+    def load(self, device="cpu") -> ResidentCache:
         """Every event in (device) memory."""
         return ResidentCache(self.read_events(0, self.num_events), device)
 
-    def stream(self, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
-               buffer_blocks: int = 2, prefetch: int = 2, drop_last: bool = True) -> Iterator[HeadBatch]:
+    def stream(
+        self,
+        batch_size: int,
+        seed: int,
+        epoch: int,
+        rank: int = 0,
+        world: int = 1,
+        buffer_blocks: int = 2,
+        prefetch: int = 2,
+        drop_last: bool = True,
+    ) -> Iterator[HeadBatch]:
         """Batches read block by block, for caches that do not fit in memory.
 
         Blocks are visited in a (seed, epoch) permutation; rank r takes blocks[r::world].
@@ -189,15 +237,19 @@ class CacheReader:
         if batch_size < 1 or buffer_blocks < 1 or not 0 <= rank < world:
             raise ValueError("batch_size and buffer_blocks must be >= 1 and 0 <= rank < world")
         order = np.random.default_rng((seed, epoch)).permutation(self.num_blocks)
-        sizes = np.array([b - a for a, b in (schema.block_range(i, self.num_events, self.block_size)
-                                             for i in range(self.num_blocks))], dtype=np.int64)
+        bounds = np.minimum(np.arange(self.num_blocks + 1) * self.block_size, self.num_events)
+        sizes = np.diff(bounds)  # events per block
         per_rank = [int(sizes[order[r::world]].sum()) for r in range(world)]
         count = min(n // batch_size if drop_last else math.ceil(n / batch_size) for n in per_rank)
         if count == 0:
-            log.warning("stream of %s yields no batch: %s events per rank for batch size %d",
-                        self._where, per_rank, batch_size)
+            log.warning(
+                "stream of %s yields no batch: %s events per rank for batch size %d",
+                self._where,
+                per_rank,
+                batch_size,
+            )
         mine = order[rank::world]
-        groups = [mine[i:i + buffer_blocks].tolist() for i in range(0, len(mine), buffer_blocks)]
+        groups = [mine[i : i + buffer_blocks].tolist() for i in range(0, len(mine), buffer_blocks)]
         rng = np.random.default_rng((seed, epoch, rank, world))
         return self._stream(groups, batch_size, count, rng, prefetch)
 
@@ -213,7 +265,7 @@ class CacheReader:
                 order = np.concatenate([np.arange(n_carry), n_carry + rng.permutation(loaded.num_events)])
                 pos = 0
                 while emitted < count and len(order) - pos >= batch_size:
-                    yield buffer.batch(order[pos:pos + batch_size])
+                    yield buffer.batch(order[pos : pos + batch_size])
                     pos += batch_size
                     emitted += 1
                 if emitted == count:
@@ -232,23 +284,25 @@ class CacheReader:
         Block arrays are keyed as in a block ("hits/embed"), index arrays as "index/<name>".
         """
         stored: dict[str, int] = defaultdict(int)
-        decoded: dict[str, int] = defaultdict(int)
-        for prefix, files in [("", m["files"]) for m in self._manifests] + [("index/", self.attrs.get("index_files") or {})]:
+        manifests = [("", m["files"]) for m in self._manifests]
+        manifests.append(("index/", self.attrs.get("index_files") or {}))
+        for prefix, files in manifests:
             for rel, (size, _) in files.items():
-                array = schema.array_of(rel)
-                stored["metadata" if rel.endswith("zarr.json") else prefix + array] += size
-        totals = {"H": int(self.hit_counts.sum()), "Q": int(self.query_counts.sum()), "P": int(self.pair_counts.sum())}
+                stored["metadata" if rel.endswith("zarr.json") else prefix + rel.partition("/c/")[0]] += size
+        decoded: dict[str, int] = {}
+        totals = {sym: int(off[-1]) for sym, off in self._offsets.items()}
         for spec in schema.DATA_ARRAYS:
             width = 1 if spec.cols is None else self._cols[spec.cols]
             itemsize = np.dtype(schema.storage_dtype(spec, self.embed_dtype)).itemsize
             decoded[spec.key] = totals[spec.rows] * width * itemsize
-        per_event = [schema.EVENT_ID] + [schema.metric_key(m) for m in self.metric_names]
-        for key in per_event:
-            decoded[key] = 8 * self.num_events
         for key in schema.OFFSET_ARRAYS.values():
             decoded[key] = 8 * (self.num_events + self.num_blocks)
-        for name in ["hit_counts", "query_counts", "pair_counts", "event_id"] + [f"metrics/{m}" for m in self.metric_names]:
-            decoded[schema.index_key(name)] = 8 * self.num_events
+        metrics = [f"metrics/{m}" for m in self.metric_names]
+        index = [
+            schema.index_key(n) for n in ["hit_counts", "query_counts", "pair_counts", "event_id", *metrics]
+        ]
+        for key in [schema.EVENT_ID, *(f"events/{m}" for m in metrics), *index]:
+            decoded[key] = 8 * self.num_events
         return {"stored": dict(stored), "decoded": dict(decoded)}
 
 
@@ -271,21 +325,36 @@ class ResidentCache:
         self.pair_query = hb.pair_query - hb.query_offsets[pair_event]
         self.pair_hit = hb.pair_hit - hb.hit_offsets[pair_event]
         self._rows = {name: getattr(hb, name) for name in ("hit_raw", "hit_embed")}
-        self._queries = {name: getattr(hb, name) for name in ("query_embed", "query_valid_logit", "query_slot",
-                                                             "target_index", "targets", "target_valid")}
+        self._queries = {
+            name: getattr(hb, name)
+            for name in (
+                "query_embed",
+                "query_valid_logit",
+                "query_slot",
+                "target_index",
+                "targets",
+                "target_valid",
+            )
+        }
         self.pair_logit = hb.pair_logit
 
     def batch(self, indices) -> HeadBatch:
         """The events at `indices` (any order, repeats allowed) as one `HeadBatch`."""
-        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64) if not isinstance(indices, torch.Tensor) else indices,
-                              dtype=torch.long, device=self.device)
+        if not isinstance(indices, torch.Tensor):
+            indices = torch.from_numpy(np.asarray(indices, dtype=np.int64))
+        idx = indices.to(self.device, torch.long)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.num_events):
+            raise IndexError(f"event indices outside 0..{self.num_events - 1}")
         hit_rows, hit_off = _ragged_rows(self.hit_offsets, idx)
         query_rows, query_off = _ragged_rows(self.query_offsets, idx)
         pair_rows, pair_off = _ragged_rows(self.pair_offsets, idx)
-        pair_event = torch.repeat_interleave(torch.arange(len(idx), device=self.device), pair_off.diff(),
-                                             output_size=len(pair_rows))
+        pair_event = torch.repeat_interleave(
+            torch.arange(len(idx), device=self.device), pair_off.diff(), output_size=len(pair_rows)
+        )
         return HeadBatch(
-            event_id=self.event_id[idx], hit_offsets=hit_off, query_offsets=query_off,
+            event_id=self.event_id[idx],
+            hit_offsets=hit_off,
+            query_offsets=query_off,
             **{name: t[hit_rows] for name, t in self._rows.items()},
             **{name: t[query_rows] for name, t in self._queries.items()},
             pair_query=self.pair_query[pair_rows] + query_off[pair_event],
@@ -293,8 +362,9 @@ class ResidentCache:
             pair_logit=self.pair_logit[pair_rows],
         )
 
-    def epoch_batches(self, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
-                      drop_last: bool = True) -> Iterator[HeadBatch]:
+    def epoch_batches(
+        self, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1, drop_last: bool = True
+    ) -> Iterator[HeadBatch]:
         """Batches over a `default_rng((seed, epoch))` permutation; rank r takes batches r, r+world, ...
 
         Every rank gets the same number of batches; without `drop_last` the tail is split as
@@ -305,16 +375,18 @@ class ResidentCache:
             yield self.batch(indices)
 
 
-def rank_batches(order: np.ndarray, batch_size: int, rank: int, world: int, drop_last: bool) -> Iterator[np.ndarray]:
-    """Rank `rank`'s slices of `order`: global batch b holds world*batch_size events, this rank's share the r-th."""
+def rank_batches(
+    order: np.ndarray, batch_size: int, rank: int, world: int, drop_last: bool
+) -> Iterator[np.ndarray]:
+    """Rank `rank`'s slices of `order`: global batch b holds world*batch_size events, rank r gets share r."""
     if batch_size < 1 or not 0 <= rank < world:
         raise ValueError("batch_size must be >= 1 and 0 <= rank < world")
     step = batch_size * world
     full = len(order) // step
     for b in range(full):
-        yield order[b * step + rank * batch_size: b * step + (rank + 1) * batch_size]
+        yield order[b * step + rank * batch_size : b * step + (rank + 1) * batch_size]
     if not drop_last and len(order) > full * step:
-        yield np.array_split(order[full * step:], world)[rank]
+        yield np.array_split(order[full * step :], world)[rank]
 
 
 def _ragged_rows(offsets: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -336,7 +408,9 @@ class _Prefetch:
     def __init__(self, load, groups, depth: int):
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(load, groups), name="cachefeat-prefetch", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(load, groups), name="cachefeat-prefetch", daemon=True
+        )
         self._thread.start()
 
     def _put(self, item) -> bool:
@@ -385,9 +459,16 @@ def cache_summary(reader: CacheReader) -> dict:
     data = [k for k in decoded if k in stored]
     stored_total, decoded_total = sum(stored.values()), sum(decoded[k] for k in data)
     counts = {}
-    for name, values in (("hits", reader.hit_counts), ("queries", reader.query_counts), ("pairs", reader.pair_counts)):
-        counts[name] = {"total": int(values.sum()), "per_event": float(values.mean()) if E else 0.0,
-                        "max": int(values.max()) if E else 0}
+    for name, values in (
+        ("hits", reader.hit_counts),
+        ("queries", reader.query_counts),
+        ("pairs", reader.pair_counts),
+    ):
+        counts[name] = {
+            "total": int(values.sum()),
+            "per_event": float(values.mean()) if E else 0.0,
+            "max": int(values.max()) if E else 0,
+        }
     dense = None
     metrics = reader.metrics()
     if "n_valid_hits" in metrics:
@@ -396,19 +477,37 @@ def cache_summary(reader: CacheReader) -> dict:
         queries = np.full(E, n_queries, np.int64) if isinstance(n_queries, int) else reader.query_counts
         F, D, T = len(reader.raw_fields), reader.dim, len(reader.particle_fields)
         dense_bytes = int(4 * (valid * (F + D) + queries * (D + 1 + T) + queries * valid).sum())
-        dense = {"bytes": dense_bytes, "per_event": dense_bytes / E if E else 0.0,
-                 "cache_over_dense": stored_total / dense_bytes if dense_bytes else None}
-    dtypes = {spec.key: (reader.embed_dtype if spec.dtype == "embed" else spec.dtype) for spec in schema.DATA_ARRAYS}
+        dense = {
+            "bytes": dense_bytes,
+            "per_event": dense_bytes / E if E else 0.0,
+            "cache_over_dense": stored_total / dense_bytes if dense_bytes else None,
+        }
+    dtypes = {
+        spec.key: (reader.embed_dtype if spec.dtype == "embed" else spec.dtype) for spec in schema.DATA_ARRAYS
+    }
     return {
-        "path": schema.describe(reader.path), "complete": True, "format_version": reader.attrs["format_version"],
-        "num_events": E, "num_blocks": reader.num_blocks, "block_size": reader.block_size,
+        "path": schema.describe(reader.path),
+        "complete": True,
+        "format_version": reader.attrs["format_version"],
+        "num_events": E,
+        "num_blocks": reader.num_blocks,
+        "block_size": reader.block_size,
         "counts": counts,
-        "raw_fields": reader.raw_fields, "particle_fields": reader.particle_fields, "dim": reader.dim,
-        "embed_dtype": reader.embed_dtype, "dtypes": dtypes,
-        "bytes": {"stored": stored, "decoded": decoded, "stored_total": stored_total, "decoded_total": decoded_total,
-                  "per_event": stored_total / E if E else 0.0,
-                  "compression_ratio": decoded_total / sum(stored[k] for k in data) if data and E else None},
+        "raw_fields": reader.raw_fields,
+        "particle_fields": reader.particle_fields,
+        "dim": reader.dim,
+        "embed_dtype": reader.embed_dtype,
+        "dtypes": dtypes,
+        "bytes": {
+            "stored": stored,
+            "decoded": decoded,
+            "stored_total": stored_total,
+            "decoded_total": decoded_total,
+            "per_event": stored_total / E if E else 0.0,
+            "compression_ratio": decoded_total / sum(stored[k] for k in data) if data and E else None,
+        },
         "dense_float32": dense,
         "metric_totals": {k: int(v.sum()) for k, v in metrics.items()},
-        "fingerprint": reader.fingerprint, "settings": reader.settings,
+        "fingerprint": reader.fingerprint,
+        "settings": reader.settings,
     }

@@ -3,7 +3,10 @@
 The one module that knows how a cache is laid out; the writer, the reader, `cachefeat info`
 and the tests import it. A cache is a Zarr v3 hierarchy::
 
-    <cache>/zarr.json                  root attributes (ROOT_ATTRS), `complete` set last
+    <cache>/zarr.json                  root attributes: format_version, fingerprint, settings,
+                                       raw_fields, particle_fields, dim, embed_dtype, num_events,
+                                       block_size, num_blocks, metric_names, index_files (the
+                                       index's manifest) and `complete`, set True last
     <cache>/.lock                      present while a writer holds the cache
     <cache>/blocks/<b:06d>/            one commit block: events [b*block_size, min(E, (b+1)*block_size))
         events/{hit,query,pair}_offsets   int64 [n+1], block-local CSR offsets
@@ -60,30 +63,33 @@ CHUNK_BYTES = 4 << 20  # target decoded size of one chunk (inner chunk when shar
 LOCK_NAME = ".lock"
 BLOCKS = "blocks"
 INDEX = "index"
-ROOT_ATTRS = (
-    "format_version", "fingerprint", "settings", "raw_fields", "particle_fields", "dim",
-    "embed_dtype", "num_events", "block_size", "metric_names", "complete",
-)
 # Root attributes that fix the layout: a resumed or second-rank writer must match them.
-LAYOUT_ATTRS = ("format_version", "raw_fields", "particle_fields", "dim", "embed_dtype",
-                "num_events", "block_size", "metric_names")
+LAYOUT_ATTRS = (
+    "format_version",
+    "raw_fields",
+    "particle_fields",
+    "dim",
+    "embed_dtype",
+    "num_events",
+    "block_size",
+    "metric_names",
+)
 
 
 @dataclass(frozen=True)
 class ArraySpec:
-    """One per-block array.
+    """One per-block data array.
 
-    key: path inside the block group; rows: row symbol ("n+1", "n", "H", "Q", "P");
-    cols: column symbol ("F", "D", "T") or None for 1-D; dtype: storage dtype, "embed" for
-    the cache's embedding storage dtype; field: the `HeadBatch` attribute it fills (None for
-    offsets and metrics, which the reader turns into offsets and `metrics()`).
+    key: path inside the block group; rows: row symbol ("H", "Q" or "P"); cols: column symbol
+    ("F", "D", "T") or None for 1-D; dtype: storage dtype, "embed" for the cache's embedding
+    storage dtype (STORAGE_DTYPE); field: the `HeadBatch` attribute it holds.
     """
 
     key: str
     rows: str
     cols: str | None
     dtype: str
-    field: str | None
+    field: str
 
 
 # Integer columns are stored narrower than HeadBatch's int64 (the reader widens them):
@@ -125,7 +131,7 @@ def storage_dtype(spec: ArraySpec, embed_dtype: str) -> str:
 
 
 def num_blocks(num_events: int, block_size: int) -> int:
-    return max(1, math.ceil(num_events / block_size)) if num_events else 0
+    return math.ceil(num_events / block_size)
 
 
 def block_range(block: int, num_events: int, block_size: int) -> tuple[int, int]:
@@ -135,7 +141,8 @@ def block_range(block: int, num_events: int, block_size: int) -> tuple[int, int]
 
 
 def compressors() -> list:
-    """Bytes-to-bytes codecs of every chunk: Blosc with byte shuffle, then crc32c (last, so it covers the compressed bytes)."""
+    """Bytes-to-bytes codecs of every chunk: Blosc with byte shuffle, then crc32c (last, so
+    that it covers the compressed bytes)."""
     return [BloscCodec(cname=CNAME, clevel=CLEVEL, shuffle=BloscShuffle.shuffle), Crc32cCodec()]
 
 
@@ -160,8 +167,15 @@ def write_arrays(store: Store, prefix: str, arrays: dict[str, tuple[np.ndarray, 
     async def _array(key, data, attributes):
         chunks, shards = chunking(data.shape, data.dtype.itemsize)
         array = await zarr.api.asynchronous.create_array(
-            store, name=f"{prefix}/{key}", shape=data.shape, dtype=data.dtype, chunks=chunks, shards=shards,
-            compressors=compressors(), fill_value=0, attributes=attributes or {},
+            store,
+            name=f"{prefix}/{key}",
+            shape=data.shape,
+            dtype=data.dtype,
+            chunks=chunks,
+            shards=shards,
+            compressors=compressors(),
+            fill_value=0,
+            attributes=attributes or {},
             config={"write_empty_chunks": True},
         )
         if data.size:
@@ -171,7 +185,9 @@ def write_arrays(store: Store, prefix: str, arrays: dict[str, tuple[np.ndarray, 
         for parent in parents:  # intermediate groups first, shortest path first
             await zarr.api.asynchronous.create_group(store=store, path=f"{prefix}/{parent}")
         # every write finishes (or fails) before the first error is raised: no write outlives the call
-        results = await asyncio.gather(*(_array(k, d, a) for k, (d, a) in arrays.items()), return_exceptions=True)
+        results = await asyncio.gather(
+            *(_array(k, d, a) for k, (d, a) in arrays.items()), return_exceptions=True
+        )
         for result in results:
             if isinstance(result, BaseException):
                 raise result
@@ -198,14 +214,6 @@ def read_arrays(store: Store, requests: list[tuple[str, slice]]) -> list[np.ndar
 def block_manifest(start: int, stop: int, counts: dict[str, int], files: dict[str, list]) -> dict:
     """Attributes that commit a block: `files` maps block-relative keys to [size_bytes, crc32c]."""
     return {"committed": True, "events": [start, stop], "counts": counts, "files": files}
-
-
-def array_of(relative_key: str) -> str:
-    """The array a block-relative file key belongs to ("hits/embed/c/0/0" -> "hits/embed"); "" for group metadata."""
-    head, sep, _ = relative_key.partition("/c/")
-    if sep:
-        return head
-    return relative_key.rsplit("/zarr.json", 1)[0] if "/" in relative_key else ""
 
 
 # --- store access -------------------------------------------------------------------------
@@ -276,20 +284,21 @@ def node_attributes(store: Store, keys: list[str]) -> list[dict | None]:
 
 def manifest_files(store: Store, prefix: str) -> dict[str, list]:
     """{key relative to prefix: [size, crc32c]} for every file under `prefix` but its own zarr.json."""
-    keys = [k for k in list_keys(store, prefix + "/") if k != f"{prefix}/zarr.json" and not k.endswith(".partial")]
+    keys = [
+        k for k in list_keys(store, prefix + "/") if k != f"{prefix}/zarr.json" and not k.endswith(".partial")
+    ]
     keys.sort()
     contents = read_bytes(store, keys)
-    return {k[len(prefix) + 1:]: [len(c), google_crc32c.value(c)] for k, c in zip(keys, contents)}
+    return {k[len(prefix) + 1 :]: [len(c), google_crc32c.value(c)] for k, c in zip(keys, contents)}
 
 
-def check_manifest_files(store: Store, prefix: str, files: dict[str, list], content: bool = False) -> list[str]:
-    """Problems with the files a manifest lists: missing, wrong size, and with `content` wrong crc32c."""
-    keys = list(files)
-    full = [f"{prefix}/{k}" for k in keys]
+def check_files(store: Store, expected: dict[str, list], content: bool = False) -> list[str]:
+    """Problems with the files `expected` lists as {key: [size, crc32c]}: missing, of the wrong
+    size, and with `content` of the wrong crc32c (reads them all at once: pass one block at a time)."""
+    keys = list(expected)
     problems = []
     if content:
-        found = read_bytes(store, full)
-        for key, (size, crc), data in zip(full, files.values(), found):
+        for key, (size, crc), data in zip(keys, expected.values(), read_bytes(store, keys)):
             if data is None:
                 problems.append(f"{key} is missing")
             elif len(data) != size:
@@ -297,12 +306,17 @@ def check_manifest_files(store: Store, prefix: str, files: dict[str, list], cont
             elif google_crc32c.value(data) != crc:
                 problems.append(f"{key} has the wrong crc32c")
         return problems
-    for key, (size, _), found in zip(full, files.values(), file_sizes(store, full)):
+    for key, (size, _), found in zip(keys, expected.values(), file_sizes(store, keys)):
         if found is None:
             problems.append(f"{key} is missing")
         elif found != size:
             problems.append(f"{key} has {found} bytes, expected {size}")
     return problems
+
+
+def prefixed(prefix: str, files: dict[str, list]) -> dict[str, list]:
+    """A manifest's {relative key: entry} as {store key: entry}."""
+    return {f"{prefix}/{k}": v for k, v in files.items()}
 
 
 def delete_prefix(store: Store, prefix: str, keep: tuple[str, ...] = ()) -> None:
@@ -323,5 +337,5 @@ def delete_prefix(store: Store, prefix: str, keep: tuple[str, ...] = ()) -> None
                 entry.unlink()
         return
     for key in list_keys(store, prefix):
-        if key[len(prefix):].lstrip("/").split("/")[0] not in keep:
+        if key[len(prefix) :].lstrip("/").split("/")[0] not in keep:
             sync(store.delete(key))

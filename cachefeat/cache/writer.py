@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
+from zarr.abc.store import Store
 
 from cachefeat.cache import schema
 from cachefeat.cache.fingerprint import fingerprint_diff
@@ -65,14 +66,22 @@ class _Lock:
             except FileExistsError:
                 holder = self._holder()
                 if holder is None:
-                    raise UserError(f"cache {self.where} has an unreadable lock {self.path}; "
-                                    "delete it if no writer is running") from None
+                    raise UserError(
+                        f"cache {self.where} has an unreadable lock {self.path}; "
+                        "delete it if no writer is running"
+                    ) from None
                 if attempt == 0 and holder.get("host") == me["host"] and not _pid_alive(holder.get("pid")):
-                    log.warning("taking over the stale lock of %s (pid %s is not running)", self.where, holder.get("pid"))
+                    log.warning(
+                        "taking over the stale lock of %s (pid %s is not running)",
+                        self.where,
+                        holder.get("pid"),
+                    )
                     self.path.unlink(missing_ok=True)
                     continue
-                raise UserError(f"cache {self.where} is locked by pid {holder.get('pid')} on {holder.get('host')}: "
-                                f"another writer is running (if not, delete {self.path})") from None
+                raise UserError(
+                    f"cache {self.where} is locked by pid {holder.get('pid')} on {holder.get('host')}: "
+                    f"another writer is running (if not, delete {self.path})"
+                ) from None
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
             self.held = True
@@ -121,12 +130,28 @@ class CacheWriter:
         queue_depth: blocks that may wait for the writer thread.
     """
 
-    def __init__(self, path, *, fingerprint: dict, settings: dict, raw_fields: list[str],
-                 particle_fields: list[str], dim: int, embed_dtype: str, num_events: int,
-                 metric_names: list[str], block_size: int = 4096, mode: str = "create",
-                 rank: int = 0, world: int = 1, queue_depth: int = 2):
+    def __init__(
+        self,
+        path,
+        *,
+        fingerprint: dict,
+        settings: dict,
+        raw_fields: list[str],
+        particle_fields: list[str],
+        dim: int,
+        embed_dtype: str,
+        num_events: int,
+        metric_names: list[str],
+        block_size: int = 4096,
+        mode: str = "create",
+        rank: int = 0,
+        world: int = 1,
+        queue_depth: int = 2,
+    ):
         if embed_dtype not in schema.EMBED_DTYPES:
-            raise UserError(f"embed_dtype must be one of {', '.join(schema.EMBED_DTYPES)}, not {embed_dtype!r}")
+            raise UserError(
+                f"embed_dtype must be one of {', '.join(schema.EMBED_DTYPES)}, not {embed_dtype!r}"
+            )
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         if not 0 <= rank < world:
@@ -144,12 +169,24 @@ class CacheWriter:
         self.metric_names = list(metric_names)
         self.bytes_written = 0
         self._where = schema.describe(path)
-        self._attrs = _json({
-            "format_version": schema.FORMAT_VERSION, "fingerprint": fingerprint, "settings": settings,
-            "raw_fields": self.raw_fields, "particle_fields": self.particle_fields, "dim": dim,
-            "embed_dtype": embed_dtype, "num_events": num_events, "block_size": block_size,
-            "metric_names": self.metric_names, "num_blocks": self.num_blocks, "complete": False,
-        })
+        self._attrs = _json(
+            {
+                "format_version": schema.FORMAT_VERSION,
+                "fingerprint": fingerprint,
+                "settings": settings,
+                "raw_fields": self.raw_fields,
+                "particle_fields": self.particle_fields,
+                "dim": dim,
+                "embed_dtype": embed_dtype,
+                "num_events": num_events,
+                "block_size": block_size,
+                "metric_names": self.metric_names,
+                "num_blocks": self.num_blocks,
+                "complete": False,
+            }
+        )
+        if rank == 0 and mode == "resume" and not isinstance(path, Store) and not Path(path).exists():
+            raise UserError(f"cannot resume {self._where}: it does not exist; drop --resume")
         try:
             self._store, local = schema.open_store(path, read_only=False)
         except (FileExistsError, NotADirectoryError) as exc:
@@ -188,11 +225,15 @@ class CacheWriter:
                     what = "is not a cachefeat cache" if others else "does not exist"
                     raise UserError(f"cannot resume {self._where}: it {what}; drop --resume")
                 self._check_matches(existing, "resume")
-                if existing.get("complete"):
-                    log.info("cache %s is already complete", self._where)
+                # incomplete again until `finalize`, which re-checks every block and rewrites the index
+                zarr.open_group(self._store, mode="r+", use_consolidated=False).update_attributes(
+                    {"complete": False}
+                )
             else:
                 if others and not is_cache:
-                    raise UserError(f"{self._where} exists and is not a cachefeat cache; refusing to delete it")
+                    raise UserError(
+                        f"{self._where} exists and is not a cachefeat cache; refusing to delete it"
+                    )
                 schema.delete_prefix(self._store, "", keep=(schema.LOCK_NAME,))
                 self._create_root()
         except BaseException:
@@ -207,20 +248,32 @@ class CacheWriter:
     def _open_other(self) -> None:
         existing = schema.node_attributes(self._store, [""])[0]
         if existing is None or "format_version" not in existing:
-            raise RuntimeError(f"rank {self.rank}: no cache root at {self._where}; rank 0 must construct "
-                               "its CacheWriter before the other ranks (barrier in between)")
+            raise RuntimeError(
+                f"rank {self.rank}: no cache root at {self._where}; rank 0 must construct "
+                "its CacheWriter before the other ranks (barrier in between)"
+            )
         self._check_matches(existing, f"write rank {self.rank} of")
 
     def _check_matches(self, existing: dict, action: str) -> None:
-        diffs = [f"{k}: {existing.get(k)} vs {self._attrs[k]}" for k in schema.LAYOUT_ATTRS if existing.get(k) != self._attrs[k]]
+        diffs = [
+            f"{k}: {existing.get(k)} vs {self._attrs[k]}"
+            for k in schema.LAYOUT_ATTRS
+            if existing.get(k) != self._attrs[k]
+        ]
         stale, warnings = fingerprint_diff(existing.get("fingerprint") or {}, self._attrs["fingerprint"])
         old, new = existing.get("settings") or {}, self._attrs["settings"]
-        diffs += stale + [f"settings.{k}: {old.get(k)} vs {new.get(k)}"
-                          for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        diffs += stale + [
+            f"settings.{k}: {old.get(k)} vs {new.get(k)}"
+            for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k)
+        ]
         for w in warnings:
             log.warning("cache %s was written with %s", self._where, w)
         if diffs:
-            raise UserError(f"cannot {action} {self._where}, it differs (cache vs now): " + "; ".join(dict.fromkeys(diffs)))
+            raise UserError(
+                f"cannot {action} {self._where}, it differs (cache vs now): "
+                + "; ".join(dict.fromkeys(diffs))
+            )
 
     # --- blocks -------------------------------------------------------------------------------
 
@@ -230,30 +283,47 @@ class CacheWriter:
 
     def my_blocks(self) -> list[int]:
         """This rank's blocks: a contiguous range, the split as even as possible over `world`."""
-        return list(range(self.rank * self.num_blocks // self.world, (self.rank + 1) * self.num_blocks // self.world))
+        return list(
+            range(self.rank * self.num_blocks // self.world, (self.rank + 1) * self.num_blocks // self.world)
+        )
 
     def pending_blocks(self) -> list[int]:
         """`my_blocks()` minus those committed with all their files present."""
-        mine = self.my_blocks()
-        manifests = schema.node_attributes(self._store, [schema.block_key(b) for b in mine])
-        pending = []
-        for block, manifest in zip(mine, manifests):
-            if not (manifest and manifest.get("committed") and manifest.get("events") == list(self.block_range(block))):
-                pending.append(block)
+        states = self._block_states(self.my_blocks())
+        for block, state in states.items():
+            if state not in (None, "not committed"):
+                log.warning("block %d of %s is damaged (%s); it will be rewritten", block, self._where, state)
+        return [block for block, state in states.items() if state is not None]
+
+    def _block_states(self, blocks: list[int]) -> dict[int, str | None]:
+        """None for each block committed with every listed file at its size, else what is wrong."""
+        manifests = schema.node_attributes(self._store, [schema.block_key(b) for b in blocks])
+        states, expected, owner = {}, {}, {}
+        for block, manifest in zip(blocks, manifests):
+            if not (
+                manifest
+                and manifest.get("committed")
+                and manifest.get("events") == list(self.block_range(block))
+            ):
+                states[block] = "not committed"
                 continue
-            problems = schema.check_manifest_files(self._store, schema.block_key(block), manifest["files"])
-            if problems:
-                log.warning("block %d of %s is damaged (%s); rewriting it", block, self._where, problems[0])
-                pending.append(block)
-        return pending
+            states[block] = None
+            files = schema.prefixed(schema.block_key(block), manifest["files"])
+            expected.update(files)
+            owner.update(dict.fromkeys(files, block))
+        for problem in schema.check_files(self._store, expected):
+            block = owner[problem.split(" ", 1)[0]]
+            states[block] = states[block] or problem
+        return states
 
     def write_block(self, block: int, hb: HeadBatch, metrics: dict[str, np.ndarray]) -> None:
         """Queue `block` for writing.
 
         `hb` holds exactly the block's events, in order, as CPU tensors (pairs event-major,
         batch-global rows as `HeadBatch` defines them); `metrics` maps every metric name to
-        int [n]. Embeddings are converted to the storage dtype here. Raises the writer
-        thread's error, if an earlier block failed.
+        int [n]. Embeddings are converted to the storage dtype here; other arrays may be
+        written from the caller's memory, so do not modify `hb` in place afterwards. Raises
+        the writer thread's error, if an earlier block failed.
         """
         if self._closed:
             raise RuntimeError("write_block after close()")
@@ -269,7 +339,9 @@ class CacheWriter:
         start, stop = self.block_range(block)
         n = stop - start
         if hb.num_events != n:
-            raise ValueError(f"block {block} holds events {start}-{stop - 1} ({n}), got {hb.num_events} events")
+            raise ValueError(
+                f"block {block} holds events {start}-{stop - 1} ({n}), got {hb.num_events} events"
+            )
         if set(metrics) != set(self.metric_names):
             raise ValueError(f"metrics must be exactly {self.metric_names}, got {sorted(metrics)}")
 
@@ -277,17 +349,27 @@ class CacheWriter:
             return t.detach().cpu()
 
         out: dict[str, np.ndarray] = {}
-        offsets = {"H": host(hb.hit_offsets).numpy().astype(np.int64), "Q": host(hb.query_offsets).numpy().astype(np.int64)}
+        offsets = {
+            "H": host(hb.hit_offsets).numpy().astype(np.int64),
+            "Q": host(hb.query_offsets).numpy().astype(np.int64),
+        }
         counts = {"H": hb.hit_raw.shape[0], "Q": hb.query_embed.shape[0], "P": hb.pair_logit.shape[0]}
         for sym in ("H", "Q"):
             off = offsets[sym]
             if off.shape != (n + 1,) or off[0] != 0 or off[-1] != counts[sym] or np.any(np.diff(off) < 0):
-                raise ValueError(f"{schema.OFFSET_ARRAYS[sym]}: offsets must be [n+1] from 0 to {counts[sym]}, non-decreasing")
+                raise ValueError(
+                    f"{schema.OFFSET_ARRAYS[sym]}: offsets must be [n+1], non-decreasing "
+                    f"from 0 to {counts[sym]}"
+                )
 
         pair_query = host(hb.pair_query).numpy().astype(np.int64)
         pair_hit = host(hb.pair_hit).numpy().astype(np.int64)
-        if pair_query.size and (pair_query.min() < 0 or pair_query.max() >= counts["Q"]
-                                or pair_hit.min() < 0 or pair_hit.max() >= counts["H"]):
+        if pair_query.size and (
+            pair_query.min() < 0
+            or pair_query.max() >= counts["Q"]
+            or pair_hit.min() < 0
+            or pair_hit.max() >= counts["H"]
+        ):
             raise ValueError("pair rows outside the batch's hit or query rows")
         query_event = np.repeat(np.arange(n), np.diff(offsets["Q"]))
         hit_event = np.repeat(np.arange(n), np.diff(offsets["H"]))
@@ -299,27 +381,34 @@ class CacheWriter:
             out[key] = offsets[sym]
         out[schema.EVENT_ID] = host(hb.event_id).numpy().astype(np.int64)
         for name in self.metric_names:
-            value = np.asarray(host(metrics[name]) if isinstance(metrics[name], torch.Tensor) else metrics[name])
+            value = np.asarray(
+                host(metrics[name]) if isinstance(metrics[name], torch.Tensor) else metrics[name]
+            )
             if value.shape != (n,) or not (np.issubdtype(value.dtype, np.integer) or value.dtype == bool):
                 raise ValueError(f"metric {name!r} must be integer [{n}], got {value.dtype} {value.shape}")
             out[schema.metric_key(name)] = value.astype(np.int64)
 
-        local = {"pair_query": pair_query - offsets["Q"][pair_event], "pair_hit": pair_hit - offsets["H"][pair_event]}
-        cols = {"F": len(self.raw_fields), "D": self.dim, "T": len(self.particle_fields), None: None}
+        local = {
+            "pair_query": pair_query - offsets["Q"][pair_event],
+            "pair_hit": pair_hit - offsets["H"][pair_event],
+        }
+        cols = {"F": len(self.raw_fields), "D": self.dim, "T": len(self.particle_fields)}
         for spec in schema.DATA_ARRAYS:
-            tensor = local.get(spec.field)
-            if tensor is None:
-                tensor = host(getattr(hb, spec.field))
-                shape = (counts[spec.rows],) if spec.cols is None else (counts[spec.rows], cols[spec.cols])
-                if tuple(tensor.shape) != shape:
-                    raise ValueError(f"{spec.field} must have shape {shape}, got {tuple(tensor.shape)}")
-                if spec.dtype == "embed":
-                    tensor = tensor.to(_TORCH_EMBED[self.embed_dtype])
-                    if self.embed_dtype == "bfloat16":
-                        tensor = tensor.view(torch.int16)
-                tensor = tensor.numpy()
             dtype = schema.storage_dtype(spec, self.embed_dtype)
-            out[spec.key] = np.ascontiguousarray(tensor).view(dtype) if spec.dtype == "embed" else np.ascontiguousarray(tensor, dtype=dtype)
+            if spec.field in local:
+                out[spec.key] = local[spec.field].astype(dtype)
+                continue
+            tensor = host(getattr(hb, spec.field))
+            shape = (counts[spec.rows],) if spec.cols is None else (counts[spec.rows], cols[spec.cols])
+            if tuple(tensor.shape) != shape:
+                raise ValueError(f"{spec.field} must have shape {shape}, got {tuple(tensor.shape)}")
+            if spec.dtype == "embed":
+                tensor = tensor.to(_TORCH_EMBED[self.embed_dtype])
+                if self.embed_dtype == "bfloat16":  # no numpy bfloat16: keep the bits
+                    tensor = tensor.view(torch.int16)
+                out[spec.key] = np.ascontiguousarray(tensor.numpy()).view(dtype)
+            else:
+                out[spec.key] = np.ascontiguousarray(tensor.numpy(), dtype=dtype)
         return out
 
     # --- the writer thread --------------------------------------------------------------------
@@ -339,7 +428,9 @@ class CacheWriter:
                 try:
                     schema.delete_prefix(self._store, schema.block_key(block))
                 except OSError as cleanup:
-                    log.warning("could not remove the partial block %d of %s: %s", block, self._where, cleanup)
+                    log.warning(
+                        "could not remove the partial block %d of %s: %s", block, self._where, cleanup
+                    )
 
     def _wrap(self, exc: BaseException) -> BaseException:
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
@@ -353,7 +444,9 @@ class CacheWriter:
         start, stop = self.block_range(block)
         group = self._root.create_group(prefix, overwrite=True)  # drops a partial block from a killed run
         bf16 = {"logical_dtype": "bfloat16"} if self.embed_dtype == "bfloat16" else None
-        schema.write_arrays(self._store, prefix, {k: (v, bf16 if k.endswith("/embed") else None) for k, v in arrays.items()})
+        schema.write_arrays(
+            self._store, prefix, {k: (v, bf16 if k.endswith("/embed") else None) for k, v in arrays.items()}
+        )
         files = schema.manifest_files(self._store, prefix)
         counts = {schema.COUNT_NAMES[s]: int(arrays[k][-1]) for s, k in schema.OFFSET_ARRAYS.items()}
         group.update_attributes(schema.block_manifest(start, stop, counts, files))
@@ -374,7 +467,7 @@ class CacheWriter:
         if self._error is not None:
             raise self._error
 
-    def __enter__(self) -> "CacheWriter":
+    def __enter__(self) -> CacheWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -401,35 +494,49 @@ class CacheWriter:
                 self._lock.release()
 
     def _finalize(self) -> None:
-        keys = [schema.block_key(b) for b in range(self.num_blocks)]
-        manifests = schema.node_attributes(self._store, keys)
-        missing = [b for b, m in enumerate(manifests)
-                   if not (m and m.get("committed") and m.get("events") == list(self.block_range(b)))]
+        states = self._block_states(list(range(self.num_blocks)))
+        missing = [b for b, state in states.items() if state == "not committed"]
         if missing:
-            raise UserError(f"cannot finalize {self._where}: {len(missing)}/{self.num_blocks} blocks are not "
-                            f"committed (first: block {missing[0]}); run the missing ranks or resume")
-        for block, (key, manifest) in enumerate(zip(keys, manifests)):
-            problems = schema.check_manifest_files(self._store, key, manifest["files"])
-            if problems:
+            raise UserError(
+                f"cannot finalize {self._where}: {len(missing)}/{self.num_blocks} blocks are not "
+                f"committed (first: block {missing[0]}); run the missing ranks or resume"
+            )
+        for block, state in states.items():
+            if state is not None:
                 start, stop = self.block_range(block)
-                raise UserError(f"cannot finalize {self._where}: {problems[0]} (events {start}-{stop - 1}); resume to rewrite it")
-        self._write_index(keys)
+                raise UserError(
+                    f"cannot finalize {self._where}: {state} (events {start}-{stop - 1}); resume to rewrite"
+                )
+        self._write_index([schema.block_key(b) for b in range(self.num_blocks)])
         index_files = schema.manifest_files(self._store, schema.INDEX)
         self._root.update_attributes({"index_files": index_files})
         self._root.update_attributes({"complete": True})  # last: readers accept the cache from here
         log.info("cache %s complete: %d events in %d blocks", self._where, self.num_events, self.num_blocks)
 
     def _write_index(self, keys: list[str]) -> None:
-        names = {"hit_counts": schema.OFFSET_ARRAYS["H"], "query_counts": schema.OFFSET_ARRAYS["Q"],
-                 "pair_counts": schema.OFFSET_ARRAYS["P"], "event_id": schema.EVENT_ID}
+        names = {
+            "hit_counts": schema.OFFSET_ARRAYS["H"],
+            "query_counts": schema.OFFSET_ARRAYS["Q"],
+            "pair_counts": schema.OFFSET_ARRAYS["P"],
+            "event_id": schema.EVENT_ID,
+        }
         names.update({f"metrics/{m}": schema.metric_key(m) for m in self.metric_names})
         requests = [(f"{key}/{array_key}", slice(None)) for key in keys for array_key in names.values()]
         results = schema.read_arrays(self._store, requests)
         for result in results:
             if isinstance(result, BaseException):
                 raise result
-        parts = {name: results[i::len(names)] for i, name in enumerate(names)}
-        parts = {name: [np.diff(v) if name.endswith("_counts") else v for v in values] for name, values in parts.items()}
+        parts = {name: results[i :: len(names)] for i, name in enumerate(names)}
+        parts = {
+            name: [np.diff(v) if name.endswith("_counts") else v for v in values]
+            for name, values in parts.items()
+        }
         self._root.create_group(schema.INDEX, overwrite=True)
-        schema.write_arrays(self._store, schema.INDEX, {
-            name: ((np.concatenate(values) if values else np.zeros(0)).astype(np.int64), None) for name, values in parts.items()})
+        schema.write_arrays(
+            self._store,
+            schema.INDEX,
+            {
+                name: ((np.concatenate(values) if values else np.zeros(0)).astype(np.int64), None)
+                for name, values in parts.items()
+            },
+        )

@@ -14,12 +14,16 @@ def add_parser(subparsers) -> None:
         help="describe a cache: events, sizes, compression, fingerprint",
         description="Describe a cache: event/hit/query/pair counts, bytes on disk per array and per event, "
         "compression, the equivalent dense float32 size, dtypes, fingerprint and settings.",
-        epilog=example_epilog("cachefeat info runs/muon/cache.zarr", "cachefeat info runs/muon/cache.zarr --json"),
+        epilog=example_epilog(
+            "cachefeat info runs/muon/cache.zarr", "cachefeat info runs/muon/cache.zarr --json"
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("cache", help="cache directory (.zarr)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-    parser.add_argument("--verify", action="store_true", help="also check the crc32c of every file (reads the whole cache)")
+    parser.add_argument(
+        "--verify", action="store_true", help="also check the crc32c of every file (reads the whole cache)"
+    )
     parser.set_defaults(func=run)
 
 
@@ -52,7 +56,13 @@ def format_summary(s: dict) -> str:
     rows: dict[str, list] = {}
     for key, stored in b["stored"].items():
         group = key.split("/")[0]
-        name = key if group in ("hits", "queries", "pairs") else f"{group} (all arrays)" if group != "metadata" else key
+        name = (
+            key
+            if group in ("hits", "queries", "pairs")
+            else f"{group} (all arrays)"
+            if group != "metadata"
+            else key
+        )
         dtype = s["dtypes"].get(key, "int64" if group in ("events", "index") else "json")
         row = rows.setdefault(name, [dtype, 0, 0])
         row[1] += stored
@@ -60,7 +70,9 @@ def format_summary(s: dict) -> str:
     for name in sorted(rows, key=lambda n: (n == "metadata", n)):
         dtype, stored, decoded = rows[name]
         ratio = f"{decoded / stored:6.2f}" if decoded and stored else ""
-        lines.append(f"{name:<26} {dtype:>9} {_bytes(stored):>11} {_bytes(decoded) if decoded else '':>11} {ratio:>6}")
+        lines.append(
+            f"{name:<26} {dtype:>9} {_bytes(stored):>11} {_bytes(decoded) if decoded else '':>11} {ratio:>6}"
+        )
     ratio = f"{b['compression_ratio']:.2f}" if b["compression_ratio"] else ""
     lines += [
         f"{'total':<26} {'':>9} {_bytes(b['stored_total']):>11} {_bytes(b['decoded_total']):>11} {'':>6}",
@@ -70,8 +82,12 @@ def format_summary(s: dict) -> str:
     if dense is None:
         lines.append("dense f32    n/a (the cache has no n_valid_hits metric)")
     else:
-        lines.append(f"dense f32    {_bytes(dense['per_event'])} per event; the cache is "
-                     f"{dense['cache_over_dense']:.3f}x of it" if dense["cache_over_dense"] is not None else "dense f32    0 B")
+        lines.append(
+            f"dense f32    {_bytes(dense['per_event'])} per event; the cache is "
+            f"{dense['cache_over_dense']:.3f}x of it"
+            if dense["cache_over_dense"] is not None
+            else "dense f32    0 B"
+        )
     if s["metric_totals"]:
         lines.append("metrics      " + ", ".join(f"{k}={v}" for k, v in s["metric_totals"].items()))
     lines.append("")

@@ -62,7 +62,14 @@ class EventFile:
             raise UserError(f"{self.path} is not an HDF5 file")
         self._file = None
         self._hash = None
-        f = self._handle()
+        try:
+            self._load(self._handle())
+        except UserError:
+            self.close()
+            raise
+
+    def _load(self, f: h5py.File) -> None:
+        """Validate the schema and fields; read the offsets and attributes."""
         version = f.attrs.get("schema_version")
         if version != SCHEMA_VERSION:
             raise UserError(
@@ -76,9 +83,8 @@ class EventFile:
             have = list(f[group]) if group in f else []
             for name in names:
                 if name not in have:
-                    raise UserError(
-                        f"{self.path}: no {group[:-1]} field '{name}'{did_you_mean(name, have)} (fields: {', '.join(have)})"
-                    )
+                    hint = did_you_mean(name, have)
+                    raise UserError(f"{self.path}: no {group[:-1]} field '{name}'{hint} (fields: {', '.join(have)})")
         self._hit_offsets = f["events/hit_offsets"][:].astype(np.int64)
         self._particle_offsets = f["events/particle_offsets"][:].astype(np.int64)
         self.event_id = f["events/event_id"][:].astype(np.int64)
@@ -120,9 +126,8 @@ class EventFile:
         hit_counts = self.hit_counts[idx]
         if self.max_hits is not None and idx.size and hit_counts.max() > self.max_hits:
             b = int(np.argmax(hit_counts))
-            raise UserError(
-                f"{self.path}: event {self.event_id[idx[b]]} has {hit_counts[b]} hits, more than max_hits={self.max_hits}"
-            )
+            eid = self.event_id[idx[b]]
+            raise UserError(f"{self.path}: event {eid} has {hit_counts[b]} hits, more than max_hits={self.max_hits}")
         hits, hit_event, hit_pos, M = self._gather("hits", [*self.hit_fields, "particle_index"], self._hit_offsets, idx)
         parts, part_event, part_pos, P = self._gather("particles", self.particle_fields, self._particle_offsets, idx)
         B = idx.size
@@ -169,8 +174,9 @@ class EventFile:
         """
         unique = np.unique(idx)
         starts, stops = offsets[unique], offsets[unique + 1]
-        split = np.flatnonzero(starts[1:] != stops[:-1]) + 1
-        lo, hi = starts[np.r_[0, split]], stops[np.r_[split, unique.size] - 1]
+        first, last = np.ones(unique.size, bool), np.ones(unique.size, bool)
+        first[1:] = last[:-1] = starts[1:] != stops[:-1]
+        lo, hi = starts[first], stops[last]
         # Where each unique event's first row lands in the buffer holding the runs back to back.
         before = np.cumsum(stops - starts) - (stops - starts)
 
@@ -192,7 +198,10 @@ class EventFile:
             ds = self._dataset(f"{group}/{name}")
             buf = np.empty(total, dtype=ds.dtype)
             if total:
-                ds.id.read(h5py.h5s.create_simple((total,)), space, buf)
+                try:
+                    ds.id.read(h5py.h5s.create_simple((total,)), space, buf)
+                except OSError as exc:  # a failed fletcher32 checksum or decompression
+                    raise UserError(f"{self.path}: cannot read {group}/{name} (corrupt file?): {exc}") from exc
             data[name] = buf[rows]
         return data, event, event * width + m, width
 
@@ -221,7 +230,7 @@ class EventFile:
             self._file.close()
             self._file = None
 
-    def __enter__(self) -> "EventFile":
+    def __enter__(self) -> EventFile:
         return self
 
     def __exit__(self, *exc) -> None:

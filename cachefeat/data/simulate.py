@@ -20,9 +20,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import h5py
 import numpy as np
@@ -54,7 +54,7 @@ class EventArrays:
     event_id: np.ndarray
 
     @staticmethod
-    def concat(parts: list["EventArrays"]) -> "EventArrays":
+    def concat(parts: list[EventArrays]) -> EventArrays:
         def offsets(name):
             out, base = [np.zeros(1, np.int64)], 0
             for p in parts:
@@ -87,19 +87,22 @@ class _Geometry:
     area: np.ndarray
 
     @staticmethod
-    def of(preset: Preset) -> "_Geometry":
-        disks = sorted([(-d.z, d) for d in preset.disks] + [(d.z, d) for d in preset.disks], key=lambda t: t[0])
-        b, d = preset.barrels, [t[1] for t in disks]
+    def of(preset: Preset) -> _Geometry:
+        barrels = preset.barrels
+        signed = sorted([(-d.z, d) for d in preset.disks] + [(d.z, d) for d in preset.disks], key=lambda t: t[0])
+        disks = [d for _, d in signed]
+        surfaces = (*barrels, *disks)
         return _Geometry(
-            barrel_r=np.array([l.radius for l in b], float),
-            barrel_half=np.array([l.half_length for l in b], float),
-            disk_z=np.array([t[0] for t in disks], float),
-            disk_rmin=np.array([l.rmin for l in d], float),
-            disk_rmax=np.array([l.rmax for l in d], float),
-            x_over_x0=np.array([l.x_over_x0 for l in (*b, *d)], float),
-            sigma_rphi=np.array([l.sigma_rphi for l in (*b, *d)], float),
-            sigma_long=np.array([l.sigma_z for l in b] + [l.sigma_r for l in d], float),
-            area=np.array([4 * np.pi * l.radius * l.half_length for l in b] + [np.pi * (l.rmax**2 - l.rmin**2) for l in d]),
+            barrel_r=np.array([b.radius for b in barrels], float),
+            barrel_half=np.array([b.half_length for b in barrels], float),
+            disk_z=np.array([z for z, _ in signed], float),
+            disk_rmin=np.array([d.rmin for d in disks], float),
+            disk_rmax=np.array([d.rmax for d in disks], float),
+            x_over_x0=np.array([s.x_over_x0 for s in surfaces], float),
+            sigma_rphi=np.array([s.sigma_rphi for s in surfaces], float),
+            sigma_long=np.array([b.sigma_z for b in barrels] + [d.sigma_r for d in disks], float),
+            area=np.array([4 * np.pi * b.radius * b.half_length for b in barrels]
+                          + [np.pi * (d.rmax**2 - d.rmin**2) for d in disks]),
         )
 
 
@@ -120,46 +123,51 @@ def _next_crossing(geo: _Geometry, x, y, z, phi, cot, kappa, turn):
     A barrel counts only outside the current radius, within its half-length; a disk only
     ahead in z, within [rmin, rmax]; and only crossings within half a turn of the vertex.
     Returns (s, layer); s is inf where nothing is crossed.
+
+    With the circle's centre c = d (cos psi_c, sin psi_c), radius rho, and psi the angle of a
+    point about c (psi advances by kappa per metre of arc), the point's radius obeys
+    r^2 = (d - rho)^2 + 4 rho d cos^2((psi - psi_c) / 2), written so that nearly straight
+    tracks (rho >> r, d ~ rho) keep their precision.
     """
-    n = x.size
     sign = np.sign(kappa)[:, None]
     absk = np.abs(kappa)[:, None]
-    xc = (x - np.sin(phi) / kappa)[:, None]
-    yc = (y + np.cos(phi) / kappa)[:, None]
-    rho2 = 1.0 / absk**2
-    d2 = xc**2 + yc**2
-    d = np.sqrt(d2)
-    psi0 = np.arctan2(y[:, None] - yc, x[:, None] - xc)
+    xc, yc = x - np.sin(phi) / kappa, y + np.cos(phi) / kappa
+    rho = 1.0 / absk
+    d = np.hypot(xc, yc)[:, None]
+    psi_c = np.arctan2(yc, xc)[:, None]
+    psi0 = np.arctan2(y - yc, x - xc)[:, None]
     room = np.pi - turn[:, None]  # turning angle left in the first half turn
 
     R = geo.barrel_r[None, :]
-    a = (d2 + R**2 - rho2) / (2 * d)
-    h = np.sqrt(np.maximum(R**2 - a**2, 0.0))
-    s_barrel = np.full((n, R.size), np.inf)
+    # Radius R is reached at psi = psi_c ± half, with cos^2(half/2) = inner and sin^2(half/2) = outer.
+    inner = (R**2 - (d - rho) ** 2) / (4 * rho * d)
+    outer = ((d + rho) ** 2 - R**2) / (4 * rho * d)
+    half = 2 * np.arctan2(np.sqrt(np.maximum(outer, 0)), np.sqrt(np.maximum(inner, 0)))
+    reach = (inner >= 0) & (outer >= 0) & (np.hypot(x, y)[:, None] < R - 1e-9)
+    s_barrel = np.full(half.shape, np.inf)
     for side in (1.0, -1.0):
-        px = (a * xc - side * h * yc) / d
-        py = (a * yc + side * h * xc) / d
-        dpsi = np.mod((np.arctan2(py - yc, px - xc) - psi0) * sign, 2 * np.pi)
-        zc = z[:, None] + cot[:, None] * dpsi / absk
-        ok = (a**2 <= R**2) & (dpsi > 1e-12) & (dpsi <= room) & (np.abs(zc) <= geo.barrel_half)
-        s_barrel = np.minimum(s_barrel, np.where(ok, dpsi / absk, np.inf))
-    s_barrel[np.hypot(x, y)[:, None] >= R - 1e-9] = np.inf
+        dpsi = np.mod((psi_c + side * half - psi0) * sign, 2 * np.pi)
+        z_cross = z[:, None] + cot[:, None] * dpsi * rho
+        ok = reach & (dpsi > 1e-12) & (dpsi <= room) & (np.abs(z_cross) <= geo.barrel_half)
+        s_barrel = np.minimum(s_barrel, np.where(ok, dpsi * rho, np.inf))
 
+    # Only the disks on the side the track heads to (disks are sorted by z: -z side first).
+    nd = geo.disk_z.size // 2
+    disk = np.arange(nd)[None, :] + np.where(cot > 0, nd, 0)[:, None]
     with np.errstate(divide="ignore", invalid="ignore"):
-        s_disk = (geo.disk_z[None, :] - z[:, None]) / cot[:, None]
-    dpsi = s_disk * absk
-    ok = (s_disk > 1e-9) & np.isfinite(s_disk) & (dpsi <= room)
-    dpsi = np.where(ok, dpsi, 0.0)
-    end = phi[:, None] + sign * dpsi
-    xd = x[:, None] + (np.sin(end) - np.sin(phi)[:, None]) / kappa[:, None]
-    yd = y[:, None] - (np.cos(end) - np.cos(phi)[:, None]) / kappa[:, None]
-    rd = np.hypot(xd, yd)
-    ok &= (rd >= geo.disk_rmin) & (rd <= geo.disk_rmax)
+        s_disk = (geo.disk_z[disk] - z[:, None]) / cot[:, None]
+        dpsi = s_disk * absk
+        r2 = (d - rho) ** 2 + 4 * rho * d * np.cos((psi0 + sign * dpsi - psi_c) / 2) ** 2
+    ok = (s_disk > 1e-9) & (dpsi <= room) & (r2 >= geo.disk_rmin[disk] ** 2) & (r2 <= geo.disk_rmax[disk] ** 2)
     s_disk = np.where(ok, s_disk, np.inf)
 
     s_all = np.concatenate([s_barrel, s_disk], axis=1)
-    layer = np.argmin(s_all, axis=1)
-    return s_all[np.arange(n), layer], layer
+    rows = np.arange(x.size)
+    best = np.argmin(s_all, axis=1)
+    s_best, layer = s_all[rows, best], best.copy()
+    on_disk = best >= R.size
+    layer[on_disk] = R.size + disk[rows[on_disk], best[on_disk] - R.size]
+    return s_best, layer
 
 
 def _propagate(geo: _Geometry, preset: Preset, rng, pt, eta, phi, q, vz):
@@ -176,7 +184,7 @@ def _propagate(geo: _Geometry, preset: Preset, rng, pt, eta, phi, q, vz):
     turn = np.zeros_like(pt)
     alive = np.arange(pt.size)
     nb = geo.barrel_r.size
-    found = []
+    found = [(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), np.zeros(0), np.zeros(0))]
     for _ in range(preset.n_layers):
         if alive.size == 0:
             break
@@ -201,9 +209,9 @@ def _propagate(geo: _Geometry, preset: Preset, rng, pt, eta, phi, q, vz):
         radial = sin_t * (np.cos(phi1) * x[alive] + np.sin(phi1) * y[alive]) / r
         incidence = np.maximum(np.abs(np.where(barrel, radial, cos_t)), _MIN_COS)
         t = geo.x_over_x0[layer] / incidence
-        pb = p[alive] * beta[alive]
         with np.errstate(divide="ignore"):
-            theta0 = np.where(t > 0, 0.0136 / pb * np.sqrt(t) * np.maximum(1 + 0.038 * np.log(t / beta[alive] ** 2), 0), 0)
+            log_term = np.maximum(1 + 0.038 * np.log(t / beta[alive] ** 2), 0)
+        theta0 = np.where(t > 0, 0.0136 / (p[alive] * beta[alive]) * np.sqrt(t) * log_term, 0)
         g1, g2 = np.tan(theta0 * rng.standard_normal((2, alive.size)))
         dx = np.cos(phi1) * sin_t - g1 * np.sin(phi1) + g2 * cos_t * np.cos(phi1)
         dy = np.sin(phi1) * sin_t + g1 * np.cos(phi1) + g2 * cos_t * np.sin(phi1)
@@ -212,7 +220,7 @@ def _propagate(geo: _Geometry, preset: Preset, rng, pt, eta, phi, q, vz):
         phi[alive] = np.arctan2(dy, dx)
         cot[alive] = dz / dt
         pt[alive] = p[alive] * dt / np.sqrt(dt**2 + dz**2)
-    return tuple(np.concatenate(parts) for parts in zip(*found)) if found else (np.zeros(0, int),) * 2 + (np.zeros(0),) * 3
+    return tuple(np.concatenate(parts) for parts in zip(*found))
 
 
 def _smear(geo: _Geometry, rng, layer, x, y, z):
@@ -251,7 +259,7 @@ def simulate_chunk(preset: Preset, n_events: int, rng: np.random.Generator, firs
     """Simulate `n_events` events with one random stream, vectorised over all their particles."""
     geo = _Geometry.of(preset)
     n_cand = rng.integers(preset.n_particles[0], preset.n_particles[1] + 1, n_events)
-    n_low = rng.poisson(preset.n_lowpt_per_particle * n_cand) if preset.n_lowpt_per_particle > 0 else np.zeros_like(n_cand)
+    n_low = rng.poisson(preset.n_lowpt_per_particle * n_cand)
     vz_event = rng.normal(0.0, preset.vz_sigma, n_events)
     n_cand_total = int(n_cand.sum())
     event = np.concatenate([np.repeat(np.arange(n_events), n_cand), np.repeat(np.arange(n_events), n_low)])
@@ -332,7 +340,7 @@ def write_event_file(path, preset: Preset, n_events: int, seed: int, progress: b
         with h5py.File(tmp, "w") as f:
             layout = [(f"hits/{k}", np.float32) for k in HIT_FIELDS] + [("hits/particle_index", np.int32)]
             layout += [(f"particles/{k}", np.float32) for k in PARTICLE_FIELDS]
-            layout += [("events/hit_offsets", np.int64), ("events/particle_offsets", np.int64), ("events/event_id", np.int64)]
+            layout += [(f"events/{k}", np.int64) for k in ("hit_offsets", "particle_offsets", "event_id")]
             for name, dtype in layout:
                 f.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype, chunks=(CHUNK_ROWS,),
                                  compression="lzf", shuffle=True, fletcher32=True)

@@ -65,6 +65,10 @@ class HeadBatch:
         moved = {f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)}
         return replace(self, **moved)
 
+    def clone(self) -> HeadBatch:
+        """A copy; made outside `torch.inference_mode()` it holds normal tensors autograd can use."""
+        return replace(self, **{f.name: getattr(self, f.name).clone() for f in fields(self)})
+
     def float(self) -> HeadBatch:
         """Embeddings as float32 (a float16/bfloat16 cache is widened here, on the device)."""
         return replace(self, hit_embed=self.hit_embed.float(), query_embed=self.query_embed.float())

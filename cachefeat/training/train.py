@@ -56,8 +56,13 @@ DEFAULTS = {
 SCALING_EVENTS = 2048
 
 
-def build_head(config: dict, raw_fields: list[str], particle_fields: list[str], impl: str | None = None):
-    """The regression head of `config`, reading the given raw hit fields and particle fields."""
+def build_head(config: dict, raw_fields: list[str], particle_fields: list[str], impl: str | None = None,
+               seed: int = 1):
+    """The regression head of `config`, reading the given raw hit fields and particle fields.
+
+    Its initial weights depend on `seed` only (not on what was built before it).
+    """
+    torch.manual_seed(seed)
     block = dict(config["head"])
     if impl is not None:
         block["init_args"] = {**(block.get("init_args") or {}), "impl": impl}
@@ -164,7 +169,6 @@ def train(config: dict, run_dir, *, source: str = "cache", cache=None, val_cache
     rank, world = accelerator.process_index, accelerator.num_processes
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(settings["seed"])
 
     stage1 = load_checkpoint(checkpoint) if checkpoint is not None else None
     fingerprint = None
@@ -187,7 +191,7 @@ def train(config: dict, run_dir, *, source: str = "cache", cache=None, val_cache
                     input_hash=None, allow_stale=allow_stale, what="validation cache")
         fingerprint = reader.fingerprint
         raw_fields, particle_fields = list(reader.raw_fields), list(reader.particle_fields)
-        head = build_head(config, raw_fields, particle_fields, head_impl)
+        head = build_head(config, raw_fields, particle_fields, head_impl, settings["seed"])
         floor = float(reader.settings.get("floor", 0.0))
         if head.assignment_threshold < floor:
             raise UserError(f"head.assignment_threshold {head.assignment_threshold} is below the cache floor "
@@ -218,7 +222,7 @@ def train(config: dict, run_dir, *, source: str = "cache", cache=None, val_cache
             raise UserError("--checkpoint, --input and --val-input are required with --source live")
         frozen = FrozenBackbone(config, checkpoint, device=accelerator.device)
         raw_fields, particle_fields = list(data["hit_fields"]), list(data["particle_fields"])
-        head = build_head(config, raw_fields, particle_fields, head_impl)
+        head = build_head(config, raw_fields, particle_fields, head_impl, settings["seed"])
         floor = head.assignment_threshold
         events = EventFile(input, data["hit_fields"], data["particle_fields"], data.get("max_hits"))
         val_events = EventFile(val_input, data["hit_fields"], data["particle_fields"], data.get("max_hits"))
@@ -243,6 +247,7 @@ def train(config: dict, run_dir, *, source: str = "cache", cache=None, val_cache
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=settings["lr"],
                                                     total_steps=max(total_steps, 1) + 1)
     head, optimizer, scheduler = accelerator.prepare(head, optimizer, scheduler)
+    torch.manual_seed(settings["seed"])  # the dropout stream starts here, whatever the source did before
     state = TrainState()
     accelerator.register_for_checkpointing(state)
     if resume:

@@ -24,11 +24,19 @@ def batch(events: list[int]) -> HeadBatch:
     pair_hit = [hit_off[i] + m for i, h in enumerate(hits) for _ in range(N) for m in range(h)]
     H, Q = int(hit_off[-1]), N * len(events)
     return HeadBatch(
-        event_id=torch.tensor(events), hit_offsets=torch.from_numpy(hit_off),
-        query_offsets=torch.arange(len(events) + 1) * N, hit_raw=torch.ones(H, F), hit_embed=torch.ones(H, D),
-        query_embed=torch.ones(Q, D), query_valid_logit=torch.zeros(Q), query_slot=torch.arange(N).repeat(len(events)),
-        target_index=torch.zeros(Q, dtype=torch.long), targets=torch.zeros(Q, T), target_valid=torch.ones(Q, dtype=torch.bool),
-        pair_query=torch.tensor(pair_query, dtype=torch.long), pair_hit=torch.tensor(pair_hit, dtype=torch.long),
+        event_id=torch.tensor(events),
+        hit_offsets=torch.from_numpy(hit_off),
+        query_offsets=torch.arange(len(events) + 1) * N,
+        hit_raw=torch.ones(H, F),
+        hit_embed=torch.ones(H, D),
+        query_embed=torch.ones(Q, D),
+        query_valid_logit=torch.zeros(Q),
+        query_slot=torch.arange(N).repeat(len(events)),
+        target_index=torch.zeros(Q, dtype=torch.long),
+        targets=torch.zeros(Q, T),
+        target_valid=torch.ones(Q, dtype=torch.bool),
+        pair_query=torch.tensor(pair_query, dtype=torch.long),
+        pair_hit=torch.tensor(pair_hit, dtype=torch.long),
         pair_logit=torch.zeros(len(pair_query)),
     )
 
@@ -36,14 +44,29 @@ def batch(events: list[int]) -> HeadBatch:
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     path = tmp_path_factory.mktemp("info") / "cache.zarr"
-    writer = CacheWriter(path, fingerprint={"checkpoint_sha256": "ab" * 32, "input_hash": "in"},
-                         settings={"floor": 0.05, "keep_hits": "assigned"}, raw_fields=["x", "y"], particle_fields=["pt"],
-                         dim=D, embed_dtype="float16", num_events=E, metric_names=["n_valid_hits", "n_pred"], block_size=BLOCK)
+    writer = CacheWriter(
+        path,
+        fingerprint={"checkpoint_sha256": "ab" * 32, "input_hash": "in"},
+        settings={"floor": 0.05, "keep_hits": "assigned"},
+        raw_fields=["x", "y"],
+        particle_fields=["pt"],
+        dim=D,
+        embed_dtype="float16",
+        num_events=E,
+        metric_names=["n_valid_hits", "n_pred"],
+        block_size=BLOCK,
+    )
     for block in writer.pending_blocks():
         start, stop = writer.block_range(block)
         events = list(range(start, stop))
-        writer.write_block(block, batch(events), {"n_valid_hits": np.array([HITS[e] + 1 for e in events]),
-                                                  "n_pred": np.ones(len(events), np.int64)})
+        writer.write_block(
+            block,
+            batch(events),
+            {
+                "n_valid_hits": np.array([HITS[e] + 1 for e in events]),
+                "n_pred": np.ones(len(events), np.int64),
+            },
+        )
     writer.finalize()
     return path
 
@@ -68,7 +91,9 @@ def test_json_numbers(cache, capsys):
     for root, _, files in os.walk(cache):
         rel = os.path.relpath(root, cache)
         for name in files:
-            manifest_holder = name == "zarr.json" and (rel in (".", "blocks", "index") or os.path.dirname(rel) == "blocks")
+            manifest_holder = name == "zarr.json" and (
+                rel in (".", "blocks", "index") or os.path.dirname(rel) == "blocks"
+            )
             if not manifest_holder and name != ".lock":
                 on_disk += os.path.getsize(os.path.join(root, name))
     assert s["bytes"]["stored_total"] == on_disk
@@ -91,8 +116,18 @@ def test_table(cache, capsys):
 
 def test_incomplete_cache_is_one_line_exit_2(tmp_path, capsys):
     path = tmp_path / "c.zarr"
-    CacheWriter(path, fingerprint={}, settings={}, raw_fields=["x"], particle_fields=["pt"], dim=D,
-                 embed_dtype="float32", num_events=3, metric_names=[], block_size=2).close()
+    CacheWriter(
+        path,
+        fingerprint={},
+        settings={},
+        raw_fields=["x"],
+        particle_fields=["pt"],
+        dim=D,
+        embed_dtype="float32",
+        num_events=3,
+        metric_names=[],
+        block_size=2,
+    ).close()
     assert main(["info", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "is incomplete (0/2 blocks committed)" in err

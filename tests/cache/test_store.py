@@ -24,8 +24,20 @@ BLOCK = 5
 E = 23  # 5 blocks, the last one partial
 ZERO_PAIR_BLOCK = 2  # every event of this block has no pair
 FIELDS = [
-    "event_id", "hit_offsets", "query_offsets", "hit_raw", "hit_embed", "query_embed", "query_valid_logit",
-    "query_slot", "target_index", "targets", "target_valid", "pair_query", "pair_hit", "pair_logit",
+    "event_id",
+    "hit_offsets",
+    "query_offsets",
+    "hit_raw",
+    "hit_embed",
+    "query_embed",
+    "query_valid_logit",
+    "query_slot",
+    "target_index",
+    "targets",
+    "target_valid",
+    "pair_query",
+    "pair_hit",
+    "pair_logit",
 ]
 TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -40,21 +52,23 @@ def make_events(seed: int = 0, num_events: int = E) -> list[dict]:
         pairs = [(a, b) for a in range(q) for b in range(h) if rng.random() < 0.5]
         if e // BLOCK == ZERO_PAIR_BLOCK or e == 3:
             pairs = []
-        events.append({
-            "event_id": 1000 + 7 * e,
-            "hit_raw": rng.normal(size=(h, F)).astype(np.float32),
-            "hit_embed": rng.normal(size=(h, D)).astype(np.float32),
-            "query_embed": rng.normal(size=(q, D)).astype(np.float32),
-            "query_valid_logit": rng.normal(size=q).astype(np.float32),
-            "query_slot": rng.permutation(N)[:q].astype(np.int64),
-            "target_index": rng.integers(-1, 5, size=q).astype(np.int64),
-            "targets": rng.normal(size=(q, T)).astype(np.float32),
-            "target_valid": rng.random(q) < 0.5,
-            "pair_query": np.array([a for a, _ in pairs], dtype=np.int64),
-            "pair_hit": np.array([b for _, b in pairs], dtype=np.int64),
-            "pair_logit": rng.normal(size=len(pairs)).astype(np.float32),
-            "metrics": {"n_valid_hits": h + int(rng.integers(0, 4)), "n_pred": int(rng.integers(0, 3))},
-        })
+        events.append(
+            {
+                "event_id": 1000 + 7 * e,
+                "hit_raw": rng.normal(size=(h, F)).astype(np.float32),
+                "hit_embed": rng.normal(size=(h, D)).astype(np.float32),
+                "query_embed": rng.normal(size=(q, D)).astype(np.float32),
+                "query_valid_logit": rng.normal(size=q).astype(np.float32),
+                "query_slot": rng.permutation(N)[:q].astype(np.int64),
+                "target_index": rng.integers(-1, 5, size=q).astype(np.int64),
+                "targets": rng.normal(size=(q, T)).astype(np.float32),
+                "target_valid": rng.random(q) < 0.5,
+                "pair_query": np.array([a for a, _ in pairs], dtype=np.int64),
+                "pair_hit": np.array([b for _, b in pairs], dtype=np.int64),
+                "pair_logit": rng.normal(size=len(pairs)).astype(np.float32),
+                "metrics": {"n_valid_hits": h + int(rng.integers(0, 4)), "n_pred": int(rng.integers(0, 3))},
+            }
+        )
     return events
 
 
@@ -66,8 +80,17 @@ def reference_batch(events: list[dict], embed_dtype: str = "float32") -> HeadBat
     for ev in events:
         h, q = len(ev["hit_raw"]), len(ev["query_embed"])
         out["event_id"].append(ev["event_id"])
-        for name in ("hit_raw", "hit_embed", "query_embed", "query_valid_logit", "query_slot", "target_index",
-                     "targets", "target_valid", "pair_logit"):
+        for name in (
+            "hit_raw",
+            "hit_embed",
+            "query_embed",
+            "query_valid_logit",
+            "query_slot",
+            "target_index",
+            "targets",
+            "target_valid",
+            "pair_logit",
+        ):
             out[name].extend(list(ev[name]))
         out["pair_query"].extend(int(i) + query_base for i in ev["pair_query"])
         out["pair_hit"].extend(int(i) + hit_base for i in ev["pair_hit"])
@@ -84,13 +107,20 @@ def reference_batch(events: list[dict], embed_dtype: str = "float32") -> HeadBat
 
     embed = TORCH_DTYPE[embed_dtype]
     return HeadBatch(
-        event_id=stack("event_id", np.int64), hit_offsets=stack("hit_offsets", np.int64),
-        query_offsets=stack("query_offsets", np.int64), hit_raw=stack("hit_raw", np.float32, F),
-        hit_embed=stack("hit_embed", np.float32, D).to(embed), query_embed=stack("query_embed", np.float32, D).to(embed),
-        query_valid_logit=stack("query_valid_logit", np.float32), query_slot=stack("query_slot", np.int64),
-        target_index=stack("target_index", np.int64), targets=stack("targets", np.float32, T),
-        target_valid=stack("target_valid", bool), pair_query=stack("pair_query", np.int64),
-        pair_hit=stack("pair_hit", np.int64), pair_logit=stack("pair_logit", np.float32),
+        event_id=stack("event_id", np.int64),
+        hit_offsets=stack("hit_offsets", np.int64),
+        query_offsets=stack("query_offsets", np.int64),
+        hit_raw=stack("hit_raw", np.float32, F),
+        hit_embed=stack("hit_embed", np.float32, D).to(embed),
+        query_embed=stack("query_embed", np.float32, D).to(embed),
+        query_valid_logit=stack("query_valid_logit", np.float32),
+        query_slot=stack("query_slot", np.int64),
+        target_index=stack("target_index", np.int64),
+        targets=stack("targets", np.float32, T),
+        target_valid=stack("target_valid", bool),
+        pair_query=stack("pair_query", np.int64),
+        pair_hit=stack("pair_hit", np.int64),
+        pair_logit=stack("pair_logit", np.float32),
     )
 
 
@@ -98,11 +128,23 @@ def block_metrics(events: list[dict]) -> dict[str, np.ndarray]:
     return {m: np.array([ev["metrics"][m] for ev in events], dtype=np.int64) for m in METRICS}
 
 
-def make_writer(location, mode="create", fingerprint=None, embed_dtype="float32", num_events=E, **kw) -> CacheWriter:
-    return CacheWriter(location, fingerprint=fingerprint or {"checkpoint_sha256": "ab" * 32, "input_hash": "in1"},
-                       settings={"floor": 0.05, "keep_hits": "assigned"}, raw_fields=RAW, particle_fields=PARTICLES,
-                       dim=D, embed_dtype=embed_dtype, num_events=num_events, metric_names=METRICS,
-                       block_size=BLOCK, mode=mode, **kw)
+def make_writer(
+    location, mode="create", fingerprint=None, embed_dtype="float32", num_events=E, **kw
+) -> CacheWriter:
+    return CacheWriter(
+        location,
+        fingerprint=fingerprint or {"checkpoint_sha256": "ab" * 32, "input_hash": "in1"},
+        settings={"floor": 0.05, "keep_hits": "assigned"},
+        raw_fields=RAW,
+        particle_fields=PARTICLES,
+        dim=D,
+        embed_dtype=embed_dtype,
+        num_events=num_events,
+        metric_names=METRICS,
+        block_size=BLOCK,
+        mode=mode,
+        **kw,
+    )
 
 
 def write_blocks(writer: CacheWriter, events: list[dict], blocks=None, embed_dtype="float32") -> None:
@@ -129,7 +171,11 @@ def assert_batches_equal(got: HeadBatch, want: HeadBatch) -> None:
 def manifests(location) -> dict:
     """Every file of a cache (blocks and index) with [size, crc32c], from the manifests."""
     reader = CacheReader(location)
-    out = {f"{schema.block_key(b)}/{k}": v for b, m in enumerate(reader._manifests) for k, v in m["files"].items()}
+    out = {
+        f"{schema.block_key(b)}/{k}": v
+        for b, m in enumerate(reader._manifests)
+        for k, v in m["files"].items()
+    }
     out.update({f"index/{k}": v for k, v in reader.attrs["index_files"].items()})
     return out
 
@@ -146,7 +192,11 @@ def caches(tmp_path_factory, events):
 
     def get(kind: str = "local", embed_dtype: str = "float32"):
         if (kind, embed_dtype) not in made:
-            location = tmp_path_factory.mktemp("caches") / f"{embed_dtype}.zarr" if kind == "local" else MemoryStore()
+            location = (
+                tmp_path_factory.mktemp("caches") / f"{embed_dtype}.zarr"
+                if kind == "local"
+                else MemoryStore()
+            )
             made[kind, embed_dtype] = write_cache(location, events, embed_dtype=embed_dtype)
         return made[kind, embed_dtype]
 
@@ -156,8 +206,16 @@ def caches(tmp_path_factory, events):
 # --- round trips ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind, embed_dtype", [("local", "float32"), ("local", "float16"), ("local", "bfloat16"),
-                                               ("memory", "float32"), ("memory", "bfloat16")])
+@pytest.mark.parametrize(
+    "kind, embed_dtype",
+    [
+        ("local", "float32"),
+        ("local", "float16"),
+        ("local", "bfloat16"),
+        ("memory", "float32"),
+        ("memory", "bfloat16"),
+    ],
+)
 def test_round_trip(caches, events, kind, embed_dtype):
     reader = CacheReader(caches(kind, embed_dtype))
     assert reader.num_events == E and reader.num_blocks == 5 and reader.embed_dtype == embed_dtype
@@ -174,7 +232,9 @@ def test_round_trip(caches, events, kind, embed_dtype):
         assert_batches_equal(reader.read_block(block), reference_batch(events[lo:hi], embed_dtype))
     assert reader.read_block(ZERO_PAIR_BLOCK).pair_logit.shape == (0,)
     for start, stop in [(0, E), (3, 17), (9, 10), (10, 10), (0, 1), (22, 23)]:
-        assert_batches_equal(reader.read_events(start, stop), reference_batch(events[start:stop], embed_dtype))
+        assert_batches_equal(
+            reader.read_events(start, stop), reference_batch(events[start:stop], embed_dtype)
+        )
 
 
 @pytest.mark.parametrize("embed_dtype", ["float16", "bfloat16"])
@@ -196,7 +256,9 @@ def test_resident_batch_matches_brute_force(caches, events, kind):
     for size in (1, 4, 11, 30):
         indices = rng.integers(0, E, size)  # repeats allowed
         assert_batches_equal(resident.batch(indices), reference_batch([events[i] for i in indices]))
-    assert_batches_equal(resident.batch(torch.tensor([0, 1, 3])), reference_batch([events[i] for i in (0, 1, 3)]))
+    assert_batches_equal(
+        resident.batch(torch.tensor([0, 1, 3])), reference_batch([events[i] for i in (0, 1, 3)])
+    )
     assert resident.batch([]).num_events == 0
 
 
@@ -207,7 +269,10 @@ def _event_index(batch: HeadBatch) -> list[int]:
 def test_epoch_batches_partition_equal_counts_and_determinism(caches, events):
     resident = CacheReader(caches()).load()
     for drop_last in (True, False):
-        per_rank = [list(resident.epoch_batches(4, seed=3, epoch=1, rank=r, world=2, drop_last=drop_last)) for r in range(2)]
+        per_rank = [
+            list(resident.epoch_batches(4, seed=3, epoch=1, rank=r, world=2, drop_last=drop_last))
+            for r in range(2)
+        ]
         assert len(per_rank[0]) == len(per_rank[1]) == (2 if drop_last else 3)
         seen = []
         for batches in per_rank:
@@ -216,7 +281,10 @@ def test_epoch_batches_partition_equal_counts_and_determinism(caches, events):
                 assert_batches_equal(batch, reference_batch([events[i] for i in ids]))
                 seen += ids
         assert len(seen) == len(set(seen)) == (16 if drop_last else E)
-    order = lambda epoch: [i for b in resident.epoch_batches(4, seed=3, epoch=epoch) for i in _event_index(b)]  # noqa: E731
+
+    def order(epoch):
+        return [i for b in resident.epoch_batches(4, seed=3, epoch=epoch) for i in _event_index(b)]
+
     assert order(1) == order(1)
     assert order(1) != order(2)
     perm = np.random.default_rng((3, 1)).permutation(E)
@@ -228,8 +296,20 @@ def test_stream_partition_equal_counts_and_determinism(caches, events, kind):
     reader = CacheReader(caches(kind))
 
     def run(epoch, world, drop_last=True, batch_size=3, buffer_blocks=2):
-        return [list(reader.stream(batch_size, seed=5, epoch=epoch, rank=r, world=world, buffer_blocks=buffer_blocks,
-                                   drop_last=drop_last)) for r in range(world)]
+        return [
+            list(
+                reader.stream(
+                    batch_size,
+                    seed=5,
+                    epoch=epoch,
+                    rank=r,
+                    world=world,
+                    buffer_blocks=buffer_blocks,
+                    drop_last=drop_last,
+                )
+            )
+            for r in range(world)
+        ]
 
     # one rank, no drop: every event exactly once, each batch equal to the brute force
     (batches,) = run(0, 1, drop_last=False)
@@ -242,7 +322,9 @@ def test_stream_partition_equal_counts_and_determinism(caches, events, kind):
     # two ranks: equal counts, disjoint events, each rank only from its blocks order[r::2]
     per_rank = run(0, 2)
     blocks = np.random.default_rng((5, 0)).permutation(5)
-    rank_events = [sum((list(range(b * BLOCK, min(E, (b + 1) * BLOCK))) for b in blocks[r::2]), []) for r in range(2)]
+    rank_events = [
+        sum((list(range(b * BLOCK, min(E, (b + 1) * BLOCK))) for b in blocks[r::2]), []) for r in range(2)
+    ]
     expected = min(len(rank_events[0]), len(rank_events[1])) // 3
     assert [len(b) for b in per_rank] == [expected, expected]
     for r, batches in enumerate(per_rank):
@@ -252,7 +334,9 @@ def test_stream_partition_equal_counts_and_determinism(caches, events, kind):
         for batch in batches:
             assert_batches_equal(batch, reference_batch([events[i] for i in _event_index(batch)]))
 
-    flat = lambda runs: [[i for b in bs for i in _event_index(b)] for bs in runs]  # noqa: E731
+    def flat(runs):
+        return [[i for b in batches for i in _event_index(b)] for batches in runs]
+
     assert flat(run(0, 2)) == flat(per_rank)
     assert flat(run(1, 2)) != flat(per_rank)
     assert flat(run(0, 1, buffer_blocks=1)) != flat(run(0, 1, buffer_blocks=3))
@@ -299,14 +383,36 @@ def test_resume_skips_committed_blocks_and_gives_identical_files(tmp_path, cache
 
     with pytest.raises(UserError, match="incomplete; use --resume or --overwrite"):
         make_writer(path)
-    with pytest.raises(UserError, match=r"checkpoint weights differ.*input data differs.*settings.floor: 0.05 vs 0.1"):
-        CacheWriter(path, fingerprint={"checkpoint_sha256": "cd" * 32, "input_hash": "in2"},
-                    settings={"floor": 0.1, "keep_hits": "assigned"}, raw_fields=RAW, particle_fields=PARTICLES,
-                    dim=D, embed_dtype="float32", num_events=E, metric_names=METRICS, block_size=BLOCK, mode="resume")
+    with pytest.raises(
+        UserError, match=r"checkpoint weights differ.*input data differs.*settings.floor: 0.05 vs 0.1"
+    ):
+        CacheWriter(
+            path,
+            fingerprint={"checkpoint_sha256": "cd" * 32, "input_hash": "in2"},
+            settings={"floor": 0.1, "keep_hits": "assigned"},
+            raw_fields=RAW,
+            particle_fields=PARTICLES,
+            dim=D,
+            embed_dtype="float32",
+            num_events=E,
+            metric_names=METRICS,
+            block_size=BLOCK,
+            mode="resume",
+        )
     with pytest.raises(UserError, match="block_size: 5 vs 4"):
-        CacheWriter(path, fingerprint={"checkpoint_sha256": "ab" * 32, "input_hash": "in1"},
-                    settings={"floor": 0.05, "keep_hits": "assigned"}, raw_fields=RAW, particle_fields=PARTICLES,
-                    dim=D, embed_dtype="float32", num_events=E, metric_names=METRICS, block_size=4, mode="resume")
+        CacheWriter(
+            path,
+            fingerprint={"checkpoint_sha256": "ab" * 32, "input_hash": "in1"},
+            settings={"floor": 0.05, "keep_hits": "assigned"},
+            raw_fields=RAW,
+            particle_fields=PARTICLES,
+            dim=D,
+            embed_dtype="float32",
+            num_events=E,
+            metric_names=METRICS,
+            block_size=4,
+            mode="resume",
+        )
 
     writer = make_writer(path, mode="resume")
     assert writer.pending_blocks() == [2, 4]
@@ -355,7 +461,9 @@ def test_write_block_validates_its_input(tmp_path, events):
         writer.write_block(0, good, {"n_pred": np.zeros(BLOCK, np.int64)})
     pair_event = torch.searchsorted(good.query_offsets, good.pair_query, right=True) - 1
     other_hit = int(good.hit_offsets[pair_event[0] + 1]) % good.hit_raw.shape[0]  # a hit of another event
-    bad = HeadBatch(**{**good.__dict__, "pair_hit": torch.cat([torch.tensor([other_hit]), good.pair_hit[1:]])})
+    bad = HeadBatch(
+        **{**good.__dict__, "pair_hit": torch.cat([torch.tensor([other_hit]), good.pair_hit[1:]])}
+    )
     with pytest.raises(ValueError, match="same event"):
         writer.write_block(0, bad, block_metrics(events[:BLOCK]))
     writer.close()

@@ -31,19 +31,38 @@ def tiny_batch(n: int, seed: int) -> HeadBatch:
     pair_query = torch.arange(n * QUERIES).repeat_interleave(HITS)
     pair_hit = (q_event.repeat_interleave(HITS) * HITS) + torch.arange(HITS).repeat(n * QUERIES)
     return HeadBatch(
-        event_id=torch.arange(n) + seed, hit_offsets=torch.arange(n + 1) * HITS, query_offsets=torch.arange(n + 1) * QUERIES,
-        hit_raw=torch.randn(n * HITS, 2, generator=g), hit_embed=torch.randn(n * HITS, D, generator=g),
-        query_embed=torch.randn(n * QUERIES, D, generator=g), query_valid_logit=torch.randn(n * QUERIES, generator=g),
-        query_slot=torch.arange(QUERIES).repeat(n), target_index=torch.zeros(n * QUERIES, dtype=torch.long),
-        targets=torch.randn(n * QUERIES, 1, generator=g), target_valid=torch.ones(n * QUERIES, dtype=torch.bool),
-        pair_query=pair_query, pair_hit=pair_hit, pair_logit=torch.randn(len(pair_query), generator=g),
+        event_id=torch.arange(n) + seed,
+        hit_offsets=torch.arange(n + 1) * HITS,
+        query_offsets=torch.arange(n + 1) * QUERIES,
+        hit_raw=torch.randn(n * HITS, 2, generator=g),
+        hit_embed=torch.randn(n * HITS, D, generator=g),
+        query_embed=torch.randn(n * QUERIES, D, generator=g),
+        query_valid_logit=torch.randn(n * QUERIES, generator=g),
+        query_slot=torch.arange(QUERIES).repeat(n),
+        target_index=torch.zeros(n * QUERIES, dtype=torch.long),
+        targets=torch.randn(n * QUERIES, 1, generator=g),
+        target_valid=torch.ones(n * QUERIES, dtype=torch.bool),
+        pair_query=pair_query,
+        pair_hit=pair_hit,
+        pair_logit=torch.randn(len(pair_query), generator=g),
     )
 
 
 def writer(location, mode="create", **kw) -> CacheWriter:
-    return CacheWriter(location, fingerprint={"input_hash": "x"}, settings={}, raw_fields=["a", "b"],
-                       particle_fields=["pt"], dim=D, embed_dtype="float32", num_events=E, metric_names=["n_pred"],
-                       block_size=BLOCK, mode=mode, **kw)
+    return CacheWriter(
+        location,
+        fingerprint={"input_hash": "x"},
+        settings={},
+        raw_fields=["a", "b"],
+        particle_fields=["pt"],
+        dim=D,
+        embed_dtype="float32",
+        num_events=E,
+        metric_names=["n_pred"],
+        block_size=BLOCK,
+        mode=mode,
+        **kw,
+    )
 
 
 def write(location, blocks=None, finalize=True, mode="create"):
@@ -77,7 +96,9 @@ def test_flipped_byte_names_array_and_events(tmp_path, sharded, kind):
     flip_byte(store, "blocks/000002/pairs/logit/c/0", 20)  # an unsharded array
     reader = CacheReader(location)  # sizes are unchanged: opening works
     reader.read_block(0)
-    with pytest.raises(UserError, match=r"checksum mismatch in blocks/000001/hits/embed \(events 5-9\): .*--overwrite"):
+    with pytest.raises(
+        UserError, match=r"checksum mismatch in blocks/000001/hits/embed \(events 5-9\): .*--overwrite"
+    ):
         reader.read_block(1)
     with pytest.raises(UserError, match=r"checksum mismatch in blocks/000001/hits/embed \(events 5-9\)"):
         reader.read_events(3, 7)
@@ -85,7 +106,9 @@ def test_flipped_byte_names_array_and_events(tmp_path, sharded, kind):
         reader.read_block(2)
     with pytest.raises(UserError, match="checksum mismatch"):
         reader.load()
-    with pytest.raises(UserError, match=r"blocks/000001/hits/embed/c/0/0 has the wrong crc32c \(events 5-9\)"):
+    with pytest.raises(
+        UserError, match=r"blocks/000001/hits/embed/c/0/0 has the wrong crc32c \(events 5-9\)"
+    ):
         reader.verify()
 
 
@@ -97,8 +120,14 @@ def test_flipped_byte_in_shard_index(tmp_path, sharded):
         CacheReader(path).read_block(3)
 
 
-@pytest.mark.parametrize("key", ["blocks/000001/hits/embed/c/0/0", "blocks/000002/queries/targets/c/0/0",
-                                 "blocks/000000/events/metrics/n_pred/c/0"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "blocks/000001/hits/embed/c/0/0",
+        "blocks/000002/queries/targets/c/0/0",
+        "blocks/000000/events/metrics/n_pred/c/0",
+    ],
+)
 def test_deleted_or_truncated_file_is_refused_on_open(tmp_path, sharded, key):
     path = write(tmp_path / "c.zarr")
     block = int(key.split("/")[1])
@@ -106,7 +135,9 @@ def test_deleted_or_truncated_file_is_refused_on_open(tmp_path, sharded, key):
     size = (path / key).stat().st_size
     with open(path / key, "r+b") as f:
         f.truncate(size - 3)
-    with pytest.raises(UserError, match=rf"cache .* is damaged: {key} has {size - 3} bytes, expected {size} \({events}\)"):
+    with pytest.raises(
+        UserError, match=rf"cache .* is damaged: {key} has {size - 3} bytes, expected {size} \({events}\)"
+    ):
         CacheReader(path)
     (path / key).unlink()
     with pytest.raises(UserError, match=rf"is damaged: {key} is missing \({events}\)"):
@@ -122,7 +153,10 @@ def test_deleted_index_file_is_refused(tmp_path):
 
 def test_incomplete_cache_is_refused_with_resume_hint(tmp_path):
     path = write(tmp_path / "c.zarr", blocks=[0, 2], finalize=False)
-    with pytest.raises(UserError, match=r"is incomplete \(2/4 blocks committed\): resume with `cachefeat extract \.\.\. --resume`"):
+    with pytest.raises(
+        UserError,
+        match=r"is incomplete \(2/4 blocks committed\): resume with `cachefeat extract \.\.\. --resume`",
+    ):
         CacheReader(path)
 
 

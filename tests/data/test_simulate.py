@@ -5,7 +5,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from cachefeat.data.events import EventFile, HIT_FIELDS, PARTICLE_FIELDS
+from cachefeat.data.events import HIT_FIELDS, PARTICLE_FIELDS, EventFile
 from cachefeat.data.presets import PRESETS, Barrel, Disk, MuonPreset, Preset, TrackMLPreset
 from cachefeat.data.simulate import simulate_events, write_event_file
 

@@ -1,0 +1,168 @@
+"""The equivalence contract (DESIGN.md §8): the cached path gives the same result as live frozen
+inference. Real simulated `muon` events, the shipped stage-1 checkpoint, the shipped config.
+
+Each test computes both sides independently: the cache side reads what `extract` wrote to disk,
+the live side runs the frozen backbone on freshly padded batches of the same events (batches of
+another composition than the extraction's, so padding effects are exposed).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from cachefeat.cache.frozen import FrozenBackbone
+from cachefeat.data.events import EventFile
+from cachefeat.model.checkpoint import load_checkpoint
+from cachefeat.training.train import build_head, train
+
+# float32 features differ between two batch compositions only by summation order (padding
+# changes the shapes the kernels see): the head's outputs and gradients agree to this.
+F32_RTOL = 1e-5
+F32_ATOL = 1e-6
+# After 50 Adam steps the float32 rounding differences above have been through 50 updates.
+TRAJECTORY_RTOL = 1e-5
+TRAJECTORY_ATOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def frozen(muon_config, stage1_checkpoint) -> FrozenBackbone:
+    return FrozenBackbone(muon_config, stage1_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def events(muon_config, muon_events) -> EventFile:
+    data = muon_config["data"]
+    return EventFile(muon_events, data["hit_fields"], data["particle_fields"], data["max_hits"])
+
+
+def _live(frozen, events, idx, floor):
+    hb, _ = frozen.head_batch(events.read(idx), floor)
+    return hb
+
+
+def _head(config, reader, seed=3, dropout=None, threshold=None):
+    config = copy.deepcopy(config)
+    if dropout is not None:
+        config["head"]["init_args"]["dropout"] = dropout
+    if threshold is not None:
+        config["head"]["init_args"]["assignment_threshold"] = threshold
+    return build_head(config, list(reader.raw_fields), list(reader.particle_fields), seed=seed)
+
+
+def _grads(head, pred, hb):
+    head.zero_grad()
+    loss = head.loss(pred, hb)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in head.named_parameters()}
+
+
+def _assert_grads_close(a: dict, b: dict, rtol=F32_RTOL, atol=F32_ATOL):
+    for name in a:
+        scale = max(1.0, float(a[name].abs().max()))
+        torch.testing.assert_close(a[name], b[name], rtol=rtol, atol=atol * scale, msg=name)
+
+
+RANDOM_BATCH = np.array([5, 77, 140, 3, 64, 65, 99, 12, 150, 31, 42, 120, 7, 88, 101, 58])
+
+
+def test_cached_features_equal_live(cache32, frozen, events):
+    """§8.2 and §8.5: embeddings, logits, pairs, matching and targets of a random batch."""
+    floor = cache32.settings["floor"]
+    cached = cache32.load().batch(RANDOM_BATCH)
+    live = _live(frozen, events, RANDOM_BATCH, floor)
+    for name in ("event_id", "hit_offsets", "query_offsets", "query_slot", "target_index", "target_valid",
+                 "pair_query", "pair_hit"):
+        assert torch.equal(getattr(cached, name).cpu(), getattr(live, name).cpu()), name
+    for name in ("hit_raw", "targets"):
+        assert torch.equal(getattr(cached, name), getattr(live, name)), name
+    for name in ("hit_embed", "query_embed", "query_valid_logit", "pair_logit"):
+        torch.testing.assert_close(getattr(cached, name).float(), getattr(live, name).float(),
+                                   rtol=F32_RTOL, atol=F32_ATOL, msg=name)
+
+
+def test_pairs_are_the_bruteforce_set(cache32, frozen, events):
+    """Stored pairs = {(n, m): sigmoid(L_nm) >= floor, hit m valid} from the dense live logits."""
+    floor = cache32.settings["floor"]
+    idx = np.arange(10, 20)
+    batch = events.read(idx)
+    logits = frozen.forward(batch)["track_hit_logit"]
+    cached = cache32.read_events(10, 20)
+    for b in range(len(idx)):
+        keep = (torch.sigmoid(logits[b]) >= floor) & batch["hit_valid"][b][None, :]
+        expected = {(int(n), int(m)) for n, m in keep.nonzero()}
+        q0, q1 = cached.query_offsets[b : b + 2].tolist()
+        h0, h1 = cached.hit_offsets[b : b + 2].tolist()
+        sel = (cached.pair_query >= q0) & (cached.pair_query < q1)
+        # map stored hit rows back to positions among the event's valid hits via the raw features
+        hit_pos = {}
+        valid_raw = torch.stack([batch[f"hit_{f}"][b] for f in cache32.raw_fields], -1)
+        for row in range(h0, h1):
+            match = (valid_raw == cached.hit_raw[row]).all(-1).nonzero()
+            hit_pos[row] = int(match[0])
+        got = {(int(cached.query_slot[q]), hit_pos[int(h)])
+               for q, h in zip(cached.pair_query[sel], cached.pair_hit[sel])}
+        assert got == expected
+
+
+def test_sparse_head_on_cache_equals_dense_head_on_live_outputs(cache32, frozen, events, muon_config):
+    """§8.1 on real frozen outputs: the sparse head over the cache == the dense head over the full
+    padded live outputs (all hits, full N×M logits), outputs and every gradient; τ above the floor too."""
+    for threshold in (None, 0.3):
+        cached = cache32.load().batch(RANDOM_BATCH)
+        head = _head(muon_config, cache32, dropout=0.0, threshold=threshold)
+        head.fit_scaling(cached.targets, cached.target_valid)
+        batch = events.read(RANDOM_BATCH)
+        out = frozen.forward(batch)
+        raw = torch.stack([batch[f"hit_{f}"] for f in cache32.raw_fields], -1)
+        dense = head.forward_dense(out["query_embed"].clone(), out["hit_embed"].clone(), raw,
+                                   out["track_hit_logit"].clone(), batch["hit_valid"])
+        dense = dense.reshape(-1, dense.shape[-1])
+        sparse = head.forward_sparse(cached)
+        torch.testing.assert_close(sparse, dense, rtol=F32_RTOL, atol=F32_ATOL)
+        _, g_sparse = _grads(head, head.forward_sparse(cached), cached)
+        _, g_dense = _grads(head, head.forward_dense(out["query_embed"].clone(), out["hit_embed"].clone(), raw,
+                                                     out["track_hit_logit"].clone(), batch["hit_valid"])
+                            .reshape(-1, dense.shape[-1]), cached)
+        _assert_grads_close(g_sparse, g_dense)
+
+
+def test_head_outputs_and_gradients_cached_equal_live(cache32, frozen, events, muon_config):
+    """§8.3: same head, same seed, dropout on: outputs and gradients w.r.t. every parameter."""
+    cached = cache32.load().batch(RANDOM_BATCH)
+    live = _live(frozen, events, RANDOM_BATCH, cache32.settings["floor"])
+    head = _head(muon_config, cache32, dropout=0.2)
+    head.fit_scaling(cached.targets, cached.target_valid)
+    head.train()
+    torch.manual_seed(11)
+    pred_c = head(cached)
+    loss_c, g_c = _grads(head, pred_c, cached)
+    torch.manual_seed(11)
+    pred_l = head(live)
+    loss_l, g_l = _grads(head, pred_l, live)
+    torch.testing.assert_close(pred_c, pred_l, rtol=F32_RTOL, atol=F32_ATOL)
+    torch.testing.assert_close(loss_c, loss_l, rtol=F32_RTOL, atol=0.0)
+    _assert_grads_close(g_c, g_l)
+
+
+def test_training_trajectory_cached_equals_live(cache32, val_cache32, muon_config, stage1_checkpoint, muon_events,
+                                                muon_val_events, tmp_path):
+    """§8.4: 50 optimizer steps from one seed, dropout on: the per-step loss curve and the final
+    weights are the same whether the head reads the cache or the live frozen backbone."""
+    config = copy.deepcopy(muon_config)
+    config["train"].update(batch_size=8, epochs=3)
+    config["head"]["init_args"]["dropout"] = 0.1
+    cached = train(config, tmp_path / "cached", source="cache", cache=cache32.path, val_cache=val_cache32.path,
+                   data_mode="memory", max_steps=50, device="cpu")
+    live = train(config, tmp_path / "live", source="live", checkpoint=stage1_checkpoint, input=muon_events,
+                 val_input=muon_val_events, max_steps=50, device="cpu")
+    assert len(cached["step_losses"]) == len(live["step_losses"]) == 50
+    np.testing.assert_allclose(cached["step_losses"], live["step_losses"], rtol=TRAJECTORY_RTOL)
+    w_cached = load_checkpoint(tmp_path / "cached" / "head.ckpt")["state_dict"]
+    w_live = load_checkpoint(tmp_path / "live" / "head.ckpt")["state_dict"]
+    for name in w_cached:
+        torch.testing.assert_close(w_cached[name], w_live[name], rtol=TRAJECTORY_RTOL, atol=TRAJECTORY_ATOL,
+                                   msg=name)
