@@ -236,22 +236,26 @@ class CacheReader:
         """
         if batch_size < 1 or buffer_blocks < 1 or not 0 <= rank < world:
             raise ValueError("batch_size and buffer_blocks must be >= 1 and 0 <= rank < world")
-        order = np.random.default_rng((seed, epoch)).permutation(self.num_blocks)
-        bounds = np.minimum(np.arange(self.num_blocks + 1) * self.block_size, self.num_events)
-        sizes = np.diff(bounds)  # events per block
-        per_rank = [int(sizes[order[r::world]].sum()) for r in range(world)]
-        count = min(n // batch_size if drop_last else math.ceil(n / batch_size) for n in per_rank)
+        order = self._block_order(seed, epoch)
+        count = self.stream_num_batches(batch_size, seed, epoch, world, drop_last)
         if count == 0:
-            log.warning(
-                "stream of %s yields no batch: %s events per rank for batch size %d",
-                self._where,
-                per_rank,
-                batch_size,
-            )
+            log.warning("stream of %s yields no batch for batch size %d and %d ranks", self._where, batch_size, world)
         mine = order[rank::world]
         groups = [mine[i : i + buffer_blocks].tolist() for i in range(0, len(mine), buffer_blocks)]
         rng = np.random.default_rng((seed, epoch, rank, world))
         return self._stream(groups, batch_size, count, rng, prefetch)
+
+    def _block_order(self, seed: int, epoch: int) -> np.ndarray:
+        return np.random.default_rng((seed, epoch)).permutation(self.num_blocks)
+
+    def stream_num_batches(self, batch_size: int, seed: int, epoch: int, world: int = 1,
+                           drop_last: bool = True) -> int:
+        """How many batches `stream` yields on every rank for these settings (no data is read)."""
+        order = self._block_order(seed, epoch)
+        bounds = np.minimum(np.arange(self.num_blocks + 1) * self.block_size, self.num_events)
+        sizes = np.diff(bounds)  # events per block
+        per_rank = [int(sizes[order[r::world]].sum()) for r in range(world)]
+        return min(n // batch_size if drop_last else math.ceil(n / batch_size) for n in per_rank)
 
     def _stream(self, groups, batch_size, count, rng, prefetch) -> Iterator[HeadBatch]:
         if count == 0:

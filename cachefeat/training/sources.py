@@ -60,7 +60,7 @@ class CacheStreamSource:
         self.buffer_blocks = buffer_blocks
 
     def num_batches(self, epoch: int) -> int:
-        return self.reader.stream_num_batches(self.batch_size, self.rank, self.world)
+        return self.reader.stream_num_batches(self.batch_size, self.seed, epoch, self.world)
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[HeadBatch]:
         stream = self.reader.stream(self.batch_size, seed=self.seed, epoch=epoch, rank=self.rank,
@@ -107,7 +107,7 @@ class LiveSource:
 
 def cache_fits_memory(reader, budget_mb: float) -> bool:
     """Whether the decoded cache (float32 embeddings) fits in `budget_mb` megabytes."""
-    decoded = reader.nbytes()["decoded_total"]
+    decoded = sum(reader.nbytes()["decoded"].values())
     scale = 2 if reader.embed_dtype != "float32" else 1
     return decoded * scale <= budget_mb * 1e6
 

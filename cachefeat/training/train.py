@@ -243,7 +243,8 @@ def train(config: dict, run_dir, *, source: str = "cache", cache=None, val_cache
     if steps_per_epoch == 0:
         raise UserError(f"fewer training events than one global batch of {settings['batch_size'] * world}")
     optimizer = torch.optim.AdamW(head.parameters(), lr=settings["lr"], weight_decay=settings["weight_decay"])
-    total_steps = settings["epochs"] * steps_per_epoch // settings["gradient_accumulation_steps"]
+    total_steps = sum(train_source.num_batches(e) for e in range(settings["epochs"]))
+    total_steps //= settings["gradient_accumulation_steps"]
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=settings["lr"],
                                                     total_steps=max(total_steps, 1) + 1)
     head, optimizer, scheduler = accelerator.prepare(head, optimizer, scheduler)

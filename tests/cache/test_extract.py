@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -209,3 +211,20 @@ def test_help_has_example(capsys):
         main(["extract", "--help"])
     assert info.value.code == 0
     assert "example:" in capsys.readouterr().out
+
+
+def test_cli_overrides_and_options(capsys, caplog, config_file, checkpoint, edge_events_file, tmp_path):
+    """--set changes the config (the default floor follows the head's threshold); options win over it."""
+    from cachefeat.cache.reader import CacheReader
+
+    caplog.set_level(logging.INFO)
+    out = tmp_path / "set.zarr"
+    code = main(["extract", "--config", str(config_file), "--checkpoint", str(checkpoint),
+                 "--input", str(edge_events_file), "--output", str(out), "--no-progress",
+                 "--set", "head.init_args.assignment_threshold=0.3", "--set", "extract.block_size=16",
+                 "--dtype", "bfloat16", "--keep-queries", "matched"])
+    assert code == 0, capsys.readouterr().err
+    reader = CacheReader(out)
+    assert reader.settings["floor"] == 0.3 and reader.block_size == 16 and reader.num_blocks == 2
+    assert reader.embed_dtype == "bfloat16" and reader.settings["keep_queries"] == "matched"
+    assert "extracted 24 events (2 blocks written, 0 already committed)" in caplog.text
