@@ -28,13 +28,24 @@ from cachefeat.errors import UserError
 
 
 def did_you_mean(name: str, options) -> str:
-    """' (did you mean X?)' when a close option exists, else ''."""
-    close = difflib.get_close_matches(name, list(options), n=1)
+    """' (did you mean X?)' when a close option exists, else ''.
+
+    Close: a similar spelling (difflib), else an option that starts the name or that the name
+    starts (`lr_rate` -> `lr`, `batch` -> `batch_size`), the longest such option.
+    """
+    options = [str(o) for o in options]
+    close = difflib.get_close_matches(name, options, n=1)
+    if not close and len(name) >= 2:
+        close = sorted((o for o in options if len(o) >= 2 and (name.startswith(o) or o.startswith(name))),
+                       key=len, reverse=True)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> dict:
-    """Read a YAML config and apply dotted `key.path=value` overrides."""
+def load_config(path: str | Path, overrides: list[str] | None = None, require: tuple[str, ...] = ()) -> dict:
+    """Read a YAML config and apply dotted `key.path=value` overrides.
+
+    `require` names top-level sections that must be present (after the overrides).
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
@@ -46,6 +57,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> dict:
         raise UserError(f"config {path} must be a mapping at top level")
     for item in overrides or []:
         apply_override(cfg, item)
+    for name in require:
+        if name not in cfg:
+            raise UserError(f"config {path} has no '{name}' section{did_you_mean(name, cfg)}")
+        if not isinstance(cfg[name], dict):
+            raise UserError(f"config {path}: section '{name}' must be a mapping")
     return cfg
 
 
@@ -85,12 +101,46 @@ def section(cfg: dict, name: str, defaults: dict) -> dict:
     given = cfg.get(name) or {}
     if not isinstance(given, dict):
         raise UserError(f"config section '{name}' must be a mapping")
-    for key in given:
+    for key, value in given.items():
         if key not in defaults:
             raise UserError(f"unknown key '{name}.{key}'{did_you_mean(key, defaults)}")
+        _check_type(f"{name}.{key}", value, defaults[key])
     out = copy.deepcopy(defaults)
     out.update(given)
     return out
+
+
+def _check_type(key: str, value, default) -> None:
+    """Refuse a value whose type differs from its default's (ints pass as floats; a None default takes any)."""
+    if default is None:
+        return
+    if isinstance(default, bool):
+        ok, kind = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, kind = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(default, float):
+        ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    elif isinstance(default, (list, tuple)):
+        ok, kind = isinstance(value, (list, tuple)), "a list"
+    elif isinstance(default, str):
+        ok, kind = isinstance(value, str), "a string"
+    else:
+        ok, kind = isinstance(value, type(default)), f"a {type(default).__name__}"
+    if not ok:
+        hint = ""
+        if isinstance(value, str) and kind == "a number" and _is_number(value):
+            hint = " (YAML reads 1e-3 as text: write 1.0e-3)"
+        elif isinstance(value, bool) and kind == "a string":
+            hint = " (YAML reads no/yes/off/on as booleans: quote the value)"
+        raise UserError(f"{key} must be {kind}, not {value!r}{hint}")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def resolve_class(class_path: str):

@@ -66,8 +66,11 @@ def resolve_options(config: dict, **given) -> dict:
     if not 0.0 < opts["floor"] < 1.0:
         raise UserError(f"floor must be a probability in (0, 1), not {opts['floor']}")
     if opts["floor"] > default_floor(config):
-        log.warning("floor %.3g is above the head's assignment_threshold %.3g: the head will miss pairs",
-                    opts["floor"], default_floor(config))
+        log.warning(
+            "floor %.3g is above the head's assignment_threshold %.3g: the head will miss pairs",
+            opts["floor"],
+            default_floor(config),
+        )
     return opts
 
 
@@ -199,13 +202,20 @@ def extract(
     if mode not in MODES:
         raise UserError(f"mode must be one of {', '.join(MODES)}, not '{mode}'")
     opts = resolve_options(
-        config, batch_size=batch_size, block_size=block_size, dtype=dtype, floor=floor,
-        keep_hits=keep_hits, keep_queries=keep_queries, precision=precision,
+        config,
+        batch_size=batch_size,
+        block_size=block_size,
+        dtype=dtype,
+        floor=floor,
+        keep_hits=keep_hits,
+        keep_queries=keep_queries,
+        precision=precision,
     )
     state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
     distributed = state.num_processes > 1
     if device is None or distributed:
         device = state.device if distributed else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _check_device(device)
     output = Path(output)
 
     data = config.get("data") or {}
@@ -219,10 +229,17 @@ def extract(
         settings=settings,
     )
     writer_args = dict(
-        fingerprint=fingerprint, settings=settings, raw_fields=backbone.raw_fields,
-        particle_fields=backbone.particle_fields, dim=backbone.model.dim, embed_dtype=opts["dtype"],
-        num_events=len(events), metric_names=[*COUNT_KEYS, "n_valid_hits"], block_size=opts["block_size"],
-        rank=state.process_index, world=state.num_processes,
+        fingerprint=fingerprint,
+        settings=settings,
+        raw_fields=backbone.raw_fields,
+        particle_fields=backbone.particle_fields,
+        dim=backbone.model.dim,
+        embed_dtype=opts["dtype"],
+        num_events=len(events),
+        metric_names=[*COUNT_KEYS, "n_valid_hits"],
+        block_size=opts["block_size"],
+        rank=state.process_index,
+        world=state.num_processes,
     )
 
     # Rank 0 creates (or checks) the store, then the others open it.
@@ -231,8 +248,15 @@ def extract(
         writer = CacheWriter(output, mode="resume", **writer_args)
 
     pending = writer.pending_blocks()
-    stats = {"events": 0, "valid_hits": 0, "hits": 0, "queries": 0, "pairs": 0,
-             "blocks_written": 0, "blocks_skipped": len(writer.my_blocks()) - len(pending)}
+    stats = {
+        "events": 0,
+        "valid_hits": 0,
+        "hits": 0,
+        "queries": 0,
+        "pairs": 0,
+        "blocks_written": 0,
+        "blocks_skipped": len(writer.my_blocks()) - len(pending),
+    }
     total = sum(writer.block_range(b)[1] - writer.block_range(b)[0] for b in pending)
     started = time.perf_counter()
     bar = _progress_bar(total, state.num_processes, enabled=progress and state.is_main_process)
@@ -274,6 +298,16 @@ def extract(
     summary["events_per_s"] = summary["events"] / summary["seconds"] if summary["seconds"] > 0 else 0.0
     summary.update(output=str(output), world=state.num_processes, rank=state.process_index, **settings)
     return summary
+
+
+def _check_device(device) -> torch.device:
+    try:
+        device = torch.device(device)
+    except RuntimeError as exc:
+        raise UserError(f"--device {device!r} is not a torch device ({exc})") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device} asked for, but CUDA is not available here; use --device cpu")
+    return device
 
 
 def _on_main(state, output: Path, fn):

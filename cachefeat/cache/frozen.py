@@ -8,6 +8,7 @@ of one code path, and the tests check it against an independent computation.
 from __future__ import annotations
 
 import contextlib
+
 import numpy as np
 import torch
 
@@ -105,8 +106,14 @@ class FrozenBackbone:
             metrics = event_metrics(outputs, batch, target_index)
             metrics["n_valid_hits"] = batch["hit_valid"].sum(1).cpu().numpy().astype(np.int64)
             hb = from_model_outputs(
-                outputs, batch, target_index, floor, self.raw_fields, self.particle_fields,
-                keep_hits=keep_hits, keep_queries=keep_queries,
+                outputs,
+                batch,
+                target_index,
+                floor,
+                self.raw_fields,
+                self.particle_fields,
+                keep_hits=keep_hits,
+                keep_queries=keep_queries,
             )
         # Cloned outside inference mode: the live training path backpropagates through the head
         # on these tensors, which autograd refuses for inference tensors.

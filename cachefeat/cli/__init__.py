@@ -15,7 +15,7 @@ import sys
 
 from cachefeat.errors import UserError
 
-COMMANDS = ["simulate", "pretrain", "extract", "info", "train", "evaluate", "verify", "demo"]
+COMMANDS = ["simulate", "pretrain", "extract", "info", "train", "sweep", "evaluate", "verify", "demo"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,6 +27,17 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def _check_value(self, action, value):
+        # argparse's check of `choices` (a command, --dtype, --preset ...) with a did-you-mean.
+        if action.choices is not None and value not in action.choices:
+            from cachefeat.config import did_you_mean
+
+            options = [str(c) for c in action.choices]
+            raise argparse.ArgumentError(
+                action, f"invalid choice: {value!r}{did_you_mean(str(value), options)}; "
+                f"choose from {', '.join(options)}"
+            )
 
 
 def build_parser() -> argparse.ArgumentParser:

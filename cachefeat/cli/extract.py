@@ -30,16 +30,23 @@ def add_parser(subparsers) -> None:
     mode.add_argument("--overwrite", action="store_true", help="replace an existing cache")
     p.add_argument("--batch-size", type=int, help="events per forward batch (default: extract.batch_size, 64)")
     p.add_argument("--block-size", type=int, help="events per commit block (default: extract.block_size, 4096)")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
-                   help="storage dtype of the embeddings; logits and targets stay float32 (default float32)")
-    p.add_argument("--floor", type=float,
-                   help="keep pairs with probability >= FLOOR (default: head.init_args.assignment_threshold)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        help="storage dtype of the embeddings; logits and targets stay float32 (default float32)",
+    )
+    p.add_argument(
+        "--floor",
+        type=float,
+        help="keep pairs with probability >= FLOOR (default: head.init_args.assignment_threshold)",
+    )
     p.add_argument("--keep-hits", choices=["assigned", "all"], help="store hits in some pair, or all valid hits")
     p.add_argument("--keep-queries", choices=["all", "matched"], help="store every query, or matched ones only")
     p.add_argument("--precision", choices=["fp32", "bf16"], help="forward precision (default fp32)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
-                   help="override a config value (repeatable)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a config value (repeatable)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -51,18 +58,35 @@ def run(args) -> int:
     config = load_config(args.config, args.set)
     mode = "resume" if args.resume else "overwrite" if args.overwrite else "create"
     summary = extract(
-        config, args.checkpoint, args.input, args.output, mode=mode,
-        batch_size=args.batch_size, block_size=args.block_size, dtype=args.dtype, floor=args.floor,
-        keep_hits=args.keep_hits, keep_queries=args.keep_queries, precision=args.precision,
-        device=args.device, progress=not args.no_progress,
+        config,
+        args.checkpoint,
+        args.input,
+        args.output,
+        mode=mode,
+        batch_size=args.batch_size,
+        block_size=args.block_size,
+        dtype=args.dtype,
+        floor=args.floor,
+        keep_hits=args.keep_hits,
+        keep_queries=args.keep_queries,
+        precision=args.precision,
+        device=args.device,
+        progress=not args.no_progress,
     )
     if summary["rank"] != 0:
         return 0
     log.info(
         "extracted %d events (%d blocks written, %d already committed) in %.1f s, %.0f events/s: "
         "%d hits, %d queries, %d pairs, %.1f MB -> %s",
-        summary["events"], summary["blocks_written"], summary["blocks_skipped"], summary["seconds"],
-        summary["events_per_s"], summary["hits"], summary["queries"], summary["pairs"],
-        summary["bytes_written"] / 1e6, summary["output"],
+        summary["events"],
+        summary["blocks_written"],
+        summary["blocks_skipped"],
+        summary["seconds"],
+        summary["events_per_s"],
+        summary["hits"],
+        summary["queries"],
+        summary["pairs"],
+        summary["bytes_written"] / 1e6,
+        summary["output"],
     )
     return 0

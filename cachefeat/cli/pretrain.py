@@ -39,7 +39,7 @@ def run(args) -> int:
     from cachefeat.config import load_config
     from cachefeat.training.pretrain import pretrain
 
-    config = load_config(args.config, args.set)
+    config = load_config(args.config, args.set, require=("data", "model"))
     for name in ("epochs", "batch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -47,6 +47,8 @@ def run(args) -> int:
     out = Path(args.output)
     if not args.resume and (out / "stage1_last.ckpt").exists():
         raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --output")
+    if args.resume and not out.is_dir():
+        raise UserError(f"nothing to resume: {out} does not exist")
     pretrain(config, args.train, args.val, out, epochs=args.epochs, batch_size=args.batch_size,
              joint=args.joint, resume=args.resume, seed=args.seed, device=args.device)
     return 0

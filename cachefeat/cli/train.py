@@ -52,7 +52,7 @@ def run(args) -> int:
     from cachefeat.config import load_config
     from cachefeat.training.train import train
 
-    config = load_config(args.config, args.set)
+    config = load_config(args.config, args.set, require=("data", "head"))
     for name in ("max_epochs", "batch_size", "max_steps"):
         value = getattr(args, name)
         if value is not None and value < 1:

@@ -17,9 +17,11 @@ def wrap_angle(x: np.ndarray) -> np.ndarray:
 def regression_metrics(pred: dict[str, np.ndarray], true: dict[str, np.ndarray]) -> dict[str, float]:
     """Per-target residual summaries.
 
-    Returns, for each field present in both: `<f>_rmse` (phi residuals wrapped) and `<f>_bias`;
-    for pt also `pt_rel_res` (standard deviation of (pt_pred - pt_true)/pt_true) and
-    `pt_rel_rmse`; for q `q_accuracy` (fraction with the right sign). NaN where K = 0.
+    Returns, for each field present in both: `<f>_rmse` (phi residuals wrapped), `<f>_bias` and
+    `<f>_res68` (half-width of the central 68% interval of the residuals: the core resolution,
+    robust against the tails that dominate an RMS); for pt also `pt_rel_res` (standard deviation
+    of (pt_pred - pt_true)/pt_true), `pt_rel_rmse` and `pt_rel_res68`; for q `q_accuracy`
+    (fraction with the right sign). NaN where K = 0.
     """
     out: dict[str, float] = {}
     for field in pred:
@@ -33,10 +35,18 @@ def regression_metrics(pred: dict[str, np.ndarray], true: dict[str, np.ndarray])
         resid = wrap_angle(p - t) if field == "phi" else p - t
         out[f"{field}_rmse"] = float(np.sqrt(np.mean(resid**2)))
         out[f"{field}_bias"] = float(np.mean(resid))
+        out[f"{field}_res68"] = res68(resid)
         if field == "pt":
             rel = resid / t
             out["pt_rel_res"] = float(np.std(rel))
             out["pt_rel_rmse"] = float(np.sqrt(np.mean(rel**2)))
+            out["pt_rel_res68"] = res68(rel)
         if field == "q":
             out["q_accuracy"] = float(np.mean(np.sign(p) == np.sign(t)))
     return out
+
+
+def res68(resid: np.ndarray) -> float:
+    """Half-width of the central 68.27% interval of `resid` (sigma for a Gaussian core)."""
+    lo, hi = np.percentile(resid, [15.865, 84.135])
+    return float((hi - lo) / 2)

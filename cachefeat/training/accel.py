@@ -21,17 +21,22 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
+from cachefeat.errors import UserError
+
 log = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
+MIXED_PRECISION = ("no", "bf16", "fp16")
 
 
 def make_accelerator(run_dir: Path, mixed_precision: str = "no", gradient_accumulation_steps: int = 1,
                      device: str | None = None) -> Accelerator:
     """An Accelerator that runs data-parallel on CPUs (gloo) as well as GPUs.
 
-    `device="cpu"` forces the CPU even where CUDA exists.
+    `device="cpu"` forces the CPU even where CUDA exists. `mixed_precision`: one of MIXED_PRECISION.
     """
+    if mixed_precision not in MIXED_PRECISION:
+        raise UserError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, not {mixed_precision!r}")
     cpu = device == "cpu" or not torch.cuda.is_available()
     return Accelerator(
         cpu=cpu,

@@ -167,9 +167,11 @@ def pretrain(config: dict, train_path, val_path, run_dir, *, epochs: int | None 
     optimizer = torch.optim.AdamW(step.parameters(), lr=settings["lr"], weight_decay=settings["weight_decay"])
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=settings["lr"],
                                                     total_steps=settings["epochs"] * steps_per_epoch)
-    step, optimizer, scheduler = accelerator.prepare(step, optimizer, scheduler)
+    # The scheduler stays outside prepare(): a prepared one advances once per process per step.
+    step, optimizer = accelerator.prepare(step, optimizer)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
+    accelerator.register_for_checkpointing(scheduler)
     if resume and load_last_checkpoint(accelerator, run_dir) is not None:
         accelerator.print(f"resumed at epoch {state.epoch}, step {state.global_step}")
     metrics_log = MetricsLog(run_dir, accelerator.is_main_process)

@@ -148,12 +148,13 @@ def train(config: dict, run_dir, *, source: str = "cache", cache=None, val_cache
           input=None, val_input=None, resume: bool = False, allow_stale: bool = False,
           max_epochs: int | None = None, batch_size: int | None = None, seed: int | None = None,
           data_mode: str = "auto", head_impl: str | None = None, device: str | None = None,
-          max_steps: int | None = None) -> dict:
+          max_steps: int | None = None, skip_validation: bool = False) -> dict:
     """Train the regression head; returns the last epoch's metrics.
 
     source: "cache" (needs `cache`, `val_cache`) or "live" (needs `checkpoint`, `input`, `val_input`).
     data_mode (cache source): "memory", "stream" or "auto" (memory when it fits train.memory_budget_mb).
-    max_steps stops after that many optimizer steps (benchmarks and tests).
+    max_steps stops after that many optimizer steps (benchmarks and tests); skip_validation leaves
+    out the per-epoch validation pass (speed measurements).
     Writes RUN_DIR/head.ckpt, model.ckpt (when the stage-1 checkpoint is known), metrics.json/csv.
     """
     from cachefeat.model.checkpoint import load_checkpoint
@@ -247,10 +248,13 @@ def train(config: dict, run_dir, *, source: str = "cache", cache=None, val_cache
     total_steps //= settings["gradient_accumulation_steps"]
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=settings["lr"],
                                                     total_steps=max(total_steps, 1) + 1)
-    head, optimizer, scheduler = accelerator.prepare(head, optimizer, scheduler)
+    # The scheduler stays outside prepare(): a prepared one advances once per process per step,
+    # so 2 processes would follow another learning-rate curve than 1 process on the same batches.
+    head, optimizer = accelerator.prepare(head, optimizer)
     torch.manual_seed(settings["seed"])  # the dropout stream starts here, whatever the source did before
     state = TrainState()
     accelerator.register_for_checkpointing(state)
+    accelerator.register_for_checkpointing(scheduler)
     if resume:
         _check_resume_config(run_dir, config)
         if load_last_checkpoint(accelerator, run_dir) is not None:
@@ -272,12 +276,13 @@ def train(config: dict, run_dir, *, source: str = "cache", cache=None, val_cache
         for hb in train_source.batches(state.epoch, start=state.step_in_epoch):
             hb = hb.to(accelerator.device).float()
             with accelerator.accumulate(head):
-                loss = module.loss(head(hb), hb)
+                loss = _global_mean_loss(module.loss(head(hb), hb), hb, accelerator)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and settings["grad_clip"]:
                     accelerator.clip_grad_norm_(head.parameters(), settings["grad_clip"])
                 optimizer.step()
-                scheduler.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             state.step_in_epoch += 1
             step_loss = accelerator.gather(loss.detach()[None]).mean().item()
@@ -298,14 +303,14 @@ def train(config: dict, run_dir, *, source: str = "cache", cache=None, val_cache
         if not done:
             state.epoch += 1
             state.step_in_epoch = 0
-        val = evaluate_batches(head, val_iter(), accelerator)
+        val = {"val_loss": float("nan")} if skip_validation else evaluate_batches(head, val_iter(), accelerator)
         if source == "live":
             frozen_counts = _gathered_summary(accelerator, train_source.metric_sums)
         last = {"epoch": state.epoch, "step": state.global_step, "train_loss": loss_sum / max(loss_n, 1),
                 "events_per_s": n_events / max(elapsed, 1e-9), "lr": scheduler.get_last_lr()[0], **val,
                 **{f"frozen_{k}": v for k, v in (frozen_counts or {}).items()}}
         state.history.append(last)
-        accelerator.print(f"epoch {state.epoch}: train {last['train_loss']:.4f} val {last['val_loss']:.4f} "
+        accelerator.print(f"epoch {state.epoch + int(done)}: train {last['train_loss']:.4f} val {last['val_loss']:.4f} "
                           f"pt rel. res. {last.get('val_pt_rel_res', float('nan')):.3f} "
                           f"({last['events_per_s']:.0f} events/s)")
         metrics_log.write(state.history)
@@ -318,6 +323,19 @@ def train(config: dict, run_dir, *, source: str = "cache", cache=None, val_cache
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {**last, "step_losses": list(state.step_losses), "source": train_source.kind}
+
+
+def _global_mean_loss(loss, hb, accelerator):
+    """Rescale a rank's mean loss so that DDP's gradient average is the mean over all ranks' tracks.
+
+    Ranks hold different numbers of matched queries; averaging per-rank means would weight
+    tracks unequally and differ from one process on the same global batch.
+    """
+    if accelerator.num_processes == 1:
+        return loss
+    n_local = hb.target_valid.sum().to(torch.float64)
+    n_global = accelerator.reduce(n_local.clone(), reduction="sum")
+    return loss * (n_local * accelerator.num_processes / n_global.clamp(min=1)).to(loss.dtype)
 
 
 def _gathered_summary(accelerator, sums: dict) -> dict:

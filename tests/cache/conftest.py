@@ -22,16 +22,28 @@ TINY_CONFIG = {
     "model": {
         "class_path": "cachefeat.model.maskformer.MaskFormer",
         "init_args": {
-            "dim": 16, "num_queries": 2, "num_encoder_layers": 1, "num_decoder_layers": 1, "num_heads": 2,
+            "dim": 16,
+            "num_queries": 2,
+            "num_encoder_layers": 1,
+            "num_decoder_layers": 1,
+            "num_heads": 2,
             "input_scales": {"x": 0.1, "y": 0.1, "z": 0.1, "r": 0.1, "s": 0.1, "u": 10.0, "v": 10.0, "layer": 0.033},
         },
     },
-    "head": {"class_path": "cachefeat.head.regression.RegressionHead",
-             "init_args": {"dim": 16, "assignment_threshold": 0.1}},
-    "extract": {"batch_size": 8, "block_size": 24, "dtype": "float32", "keep_hits": "assigned",
-                "keep_queries": "all", "precision": "fp32"},
+    "head": {
+        "class_path": "cachefeat.head.regression.RegressionHead",
+        "init_args": {"dim": 16, "assignment_threshold": 0.1},
+    },
+    "extract": {
+        "batch_size": 8,
+        "block_size": 16,
+        "dtype": "float32",
+        "keep_hits": "assigned",
+        "keep_queries": "all",
+        "precision": "fp32",
+    },
 }
-NUM_EVENTS = 72
+NUM_EVENTS = 48
 
 
 def build_model(config: dict, seed: int = 0):
@@ -74,7 +86,8 @@ def events_file(workdir) -> Path:
     from cachefeat.cli import main
 
     path = workdir / "muon.h5"
-    assert main(["simulate", "--preset", "muon", "--events", str(NUM_EVENTS), "--seed", "3", "--output", str(path)]) == 0
+    args = ["simulate", "--preset", "muon", "--events", str(NUM_EVENTS), "--seed", "3", "--output", str(path)]
+    assert main(args) == 0
     return path
 
 
@@ -84,7 +97,8 @@ def read_csr(path) -> dict:
         return {
             "hits": {k: f["hits"][k][:] for k in f["hits"]},
             "particles": {k: f["particles"][k][:] for k in f["particles"]},
-            "hit_offsets": f["events/hit_offsets"][:], "particle_offsets": f["events/particle_offsets"][:],
+            "hit_offsets": f["events/hit_offsets"][:],
+            "particle_offsets": f["events/particle_offsets"][:],
             "event_id": f["events/event_id"][:],
         }
 
@@ -110,11 +124,15 @@ def write_events(path, events: list[dict]) -> None:
 def split_events(csr: dict) -> list[dict]:
     out = []
     for e in range(len(csr["event_id"])):
-        h0, h1 = csr["hit_offsets"][e:e + 2]
-        p0, p1 = csr["particle_offsets"][e:e + 2]
-        out.append({"hits": {k: v[h0:h1] for k, v in csr["hits"].items()},
-                    "particles": {k: v[p0:p1] for k, v in csr["particles"].items()},
-                    "event_id": int(csr["event_id"][e])})
+        h0, h1 = csr["hit_offsets"][e : e + 2]
+        p0, p1 = csr["particle_offsets"][e : e + 2]
+        out.append(
+            {
+                "hits": {k: v[h0:h1] for k, v in csr["hits"].items()},
+                "particles": {k: v[p0:p1] for k, v in csr["particles"].items()},
+                "event_id": int(csr["event_id"][e]),
+            }
+        )
     return out
 
 
@@ -151,8 +169,23 @@ def cache(workdir, config_file, checkpoint, events_file) -> Path:
     from cachefeat.cli import main
 
     out = workdir / "muon.zarr"
-    assert main(["extract", "--config", str(config_file), "--checkpoint", str(checkpoint),
-                 "--input", str(events_file), "--output", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                "--config",
+                str(config_file),
+                "--checkpoint",
+                str(checkpoint),
+                "--input",
+                str(events_file),
+                "--output",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -164,6 +197,7 @@ def live(checkpoint, events_file) -> list[dict]:
 
 
 # --- the live reference -------------------------------------------------------------------------
+
 
 def live_batch(model, batch: dict, data: dict) -> list[dict]:
     """Run `model` directly on one padded batch; per event: the outputs over its valid hits
@@ -184,19 +218,21 @@ def live_batch(model, batch: dict, data: dict) -> list[dict]:
         m = int(batch["hit_valid"][j].sum())
         p = int(batch["particle_valid"][j].sum())
         assert batch["hit_valid"][j, :m].all() and batch["particle_valid"][j, :p].all()
-        events.append({
-            "event_id": int(batch["event_id"][j]),
-            "logit": out["track_hit_logit"][j, :, :m].float(),
-            "hit_embed": out["hit_embed"][j, :m],
-            "query_embed": out["query_embed"][j],
-            "track_valid": out["track_valid"][j],
-            "target_index": target[j],
-            "raw": torch.stack([batch[f"hit_{f}"][j, :m] for f in data["hit_fields"]], dim=-1),
-            "particles": torch.stack([batch[f"particle_{f}"][j, :p] for f in data["particle_fields"]], -1),
-            "particle_valid": batch["particle_valid"][j, :p],
-            "metrics": {k: int(v[j]) for k, v in counts.items()},
-            "n_hits": m,
-        })
+        events.append(
+            {
+                "event_id": int(batch["event_id"][j]),
+                "logit": out["track_hit_logit"][j, :, :m].float(),
+                "hit_embed": out["hit_embed"][j, :m],
+                "query_embed": out["query_embed"][j],
+                "track_valid": out["track_valid"][j],
+                "target_index": target[j],
+                "raw": torch.stack([batch[f"hit_{f}"][j, :m] for f in data["hit_fields"]], dim=-1),
+                "particles": torch.stack([batch[f"particle_{f}"][j, :p] for f in data["particle_fields"]], -1),
+                "particle_valid": batch["particle_valid"][j, :p],
+                "metrics": {k: int(v[j]) for k, v in counts.items()},
+                "n_hits": m,
+            }
+        )
     return events
 
 
@@ -266,11 +302,17 @@ def cached_event(hb, e: int) -> dict:
     sel = (hb.pair_query >= q0) & (hb.pair_query < q1)
     return {
         "event_id": int(hb.event_id[e]),
-        "hit_raw": hb.hit_raw[h0:h1], "hit_embed": hb.hit_embed[h0:h1],
-        "query_embed": hb.query_embed[q0:q1], "query_valid_logit": hb.query_valid_logit[q0:q1],
-        "query_slot": hb.query_slot[q0:q1], "target_index": hb.target_index[q0:q1],
-        "targets": hb.targets[q0:q1], "target_valid": hb.target_valid[q0:q1],
-        "pair_query": hb.pair_query[sel] - q0, "pair_hit": hb.pair_hit[sel] - h0, "pair_logit": hb.pair_logit[sel],
+        "hit_raw": hb.hit_raw[h0:h1],
+        "hit_embed": hb.hit_embed[h0:h1],
+        "query_embed": hb.query_embed[q0:q1],
+        "query_valid_logit": hb.query_valid_logit[q0:q1],
+        "query_slot": hb.query_slot[q0:q1],
+        "target_index": hb.target_index[q0:q1],
+        "targets": hb.targets[q0:q1],
+        "target_valid": hb.target_valid[q0:q1],
+        "pair_query": hb.pair_query[sel] - q0,
+        "pair_hit": hb.pair_hit[sel] - h0,
+        "pair_logit": hb.pair_logit[sel],
     }
 
 
@@ -321,9 +363,18 @@ def ref():
     from types import SimpleNamespace
 
     return SimpleNamespace(
-        NUM_EVENTS=NUM_EVENTS, TINY_CONFIG=TINY_CONFIG, build_model=build_model, read_csr=read_csr,
-        write_events=write_events, split_events=split_events, live_outputs=live_outputs, live_batch=live_batch,
+        NUM_EVENTS=NUM_EVENTS,
+        TINY_CONFIG=TINY_CONFIG,
+        build_model=build_model,
+        read_csr=read_csr,
+        write_events=write_events,
+        split_events=split_events,
+        live_outputs=live_outputs,
+        live_batch=live_batch,
         load_tiny=load_tiny,
-        expected_event=expected_event, cached_event=cached_event, assert_cache_equals_live=assert_cache_equals_live,
-        cache_arrays=cache_arrays, block_manifests=block_manifests,
+        expected_event=expected_event,
+        cached_event=cached_event,
+        assert_cache_equals_live=assert_cache_equals_live,
+        cache_arrays=cache_arrays,
+        block_manifests=block_manifests,
     )

@@ -13,8 +13,8 @@ from cachefeat.cli import main
 from cachefeat.errors import UserError
 from cachefeat.head.inputs import HeadBatch
 
-# The session config of tests/cache/conftest.py: 72 events, batches of 8, blocks of 24.
-NUM_EVENTS, BLOCK = 72, 24
+# The session config of tests/cache/conftest.py: 48 events, batches of 8, blocks of 16.
+NUM_EVENTS, BLOCK = 48, 16
 
 
 def test_cache_equals_live(ref, cache, live):
@@ -27,8 +27,13 @@ def test_cache_records_fingerprint_and_settings(ref, cache, checkpoint):
 
     reader = CacheReader(cache)
     assert reader.fingerprint["checkpoint_sha256"] == load_checkpoint(checkpoint)["weights_sha256"]
-    assert reader.fingerprint["settings"] == {"floor": 0.1, "embed_dtype": "float32", "precision": "fp32",
-                                              "keep_hits": "assigned", "keep_queries": "all"}
+    assert reader.fingerprint["settings"] == {
+        "floor": 0.1,
+        "embed_dtype": "float32",
+        "precision": "fp32",
+        "keep_hits": "assigned",
+        "keep_queries": "all",
+    }
     assert reader.block_size == BLOCK and reader.num_blocks == -(-NUM_EVENTS // BLOCK)
     assert reader.raw_fields == ref.TINY_CONFIG["data"]["hit_fields"]
 
@@ -54,7 +59,9 @@ def edge_live(ref, tiny_config, checkpoint, edge_events_file):
 
 
 def _extract_edge(tiny_config, checkpoint, edge_events_file, out, **options) -> dict:
-    return extract(tiny_config, checkpoint, edge_events_file, out, batch_size=4, block_size=8, progress=False, **options)
+    return extract(
+        tiny_config, checkpoint, edge_events_file, out, batch_size=4, block_size=8, progress=False, **options
+    )
 
 
 def test_edge_events(ref, tiny_config, checkpoint, edge_events_file, edge_live, tmp_path):
@@ -119,12 +126,20 @@ def test_gather_events_against_brute_force():
         t = lambda x, dt=torch.float32: torch.tensor(np.asarray(x), dtype=dt)  # noqa: E731
         hit = t(np.concatenate([e["hit"] for e in ev]).reshape(-1, D))
         query = t(np.concatenate([e["query"] for e in ev]).reshape(-1, D))
-        nq = query.shape[0]
         return HeadBatch(
-            event_id=t(order, torch.long), hit_offsets=t(hoff, torch.long), query_offsets=t(qoff, torch.long),
-            hit_raw=hit[:, :2], hit_embed=hit, query_embed=query, query_valid_logit=query[:, 0],
-            query_slot=(query[:, 2] * 100).long(), target_index=(query[:, 1] * 100).long(), targets=query[:, :2],
-            target_valid=query[:, 0] > 0, pair_query=t(pq, torch.long), pair_hit=t(ph, torch.long),
+            event_id=t(order, torch.long),
+            hit_offsets=t(hoff, torch.long),
+            query_offsets=t(qoff, torch.long),
+            hit_raw=hit[:, :2],
+            hit_embed=hit,
+            query_embed=query,
+            query_valid_logit=query[:, 0],
+            query_slot=(query[:, 2] * 100).long(),
+            target_index=(query[:, 1] * 100).long(),
+            targets=query[:, :2],
+            target_valid=query[:, 0] > 0,
+            pair_query=t(pq, torch.long),
+            pair_hit=t(ph, torch.long),
             pair_logit=hit[ph, 0] + query[pq, 1],
         )
 
@@ -151,6 +166,7 @@ def test_options_from_config_and_head(ref):
 
 # --- errors: exit code 2 and one line ------------------------------------------------------------
 
+
 def _run_cli(capsys, *args) -> tuple[int, str]:
     code = main(["extract", *map(str, args), "--no-progress"])
     return code, capsys.readouterr().err.strip()
@@ -164,8 +180,17 @@ def _error_line(err: str) -> str:
 
 
 def test_missing_checkpoint(capsys, config_file, events_file, tmp_path):
-    code, err = _run_cli(capsys, "--config", config_file, "--checkpoint", tmp_path / "nope.ckpt",
-                         "--input", events_file, "--output", tmp_path / "c.zarr")
+    code, err = _run_cli(
+        capsys,
+        "--config",
+        config_file,
+        "--checkpoint",
+        tmp_path / "nope.ckpt",
+        "--input",
+        events_file,
+        "--output",
+        tmp_path / "c.zarr",
+    )
     assert code == 2 and "nope.ckpt" in _error_line(err) and "not found" in err
     assert not (tmp_path / "c.zarr").exists()
 
@@ -173,12 +198,15 @@ def test_missing_checkpoint(capsys, config_file, events_file, tmp_path):
 def test_checkpoint_of_another_architecture(ref, capsys, config_file, events_file, tmp_path):
     from cachefeat.model.checkpoint import save_checkpoint
 
-    other = {**ref.TINY_CONFIG, "model": {**ref.TINY_CONFIG["model"],
-                                      "init_args": {**ref.TINY_CONFIG["model"]["init_args"], "dim": 8}}}
+    other = {
+        **ref.TINY_CONFIG,
+        "model": {**ref.TINY_CONFIG["model"], "init_args": {**ref.TINY_CONFIG["model"]["init_args"], "dim": 8}},
+    }
     ckpt = tmp_path / "dim8.ckpt"
     save_checkpoint(ckpt, ref.build_model(other), other)
-    code, err = _run_cli(capsys, "--config", config_file, "--checkpoint", ckpt,
-                         "--input", events_file, "--output", tmp_path / "c.zarr")
+    code, err = _run_cli(
+        capsys, "--config", config_file, "--checkpoint", ckpt, "--input", events_file, "--output", tmp_path / "c.zarr"
+    )
     line = _error_line(err)
     assert code == 2 and "does not fit this config" in line and "dim8.ckpt" in line
 
@@ -189,10 +217,29 @@ def test_input_without_required_field(ref, capsys, config_file, checkpoint, even
         del e["hits"]["eta"]
     bad = tmp_path / "no_eta.h5"
     ref.write_events(bad, events)
-    code, err = _run_cli(capsys, "--config", config_file, "--checkpoint", checkpoint,
-                         "--input", bad, "--output", tmp_path / "c.zarr")
+    code, err = _run_cli(
+        capsys, "--config", config_file, "--checkpoint", checkpoint, "--input", bad, "--output", tmp_path / "c.zarr"
+    )
     line = _error_line(err)
     assert code == 2 and "'eta'" in line and "no_eta.h5" in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda(capsys, config_file, checkpoint, events_file, tmp_path):
+    code, err = _run_cli(
+        capsys,
+        "--config",
+        config_file,
+        "--checkpoint",
+        checkpoint,
+        "--input",
+        events_file,
+        "--output",
+        tmp_path / "c.zarr",
+        "--device",
+        "cuda",
+    )
+    assert code == 2 and "CUDA is not available" in _error_line(err)
 
 
 def test_existing_cache_and_changed_settings(capsys, cache, config_file, checkpoint, events_file):
@@ -219,10 +266,28 @@ def test_cli_overrides_and_options(capsys, caplog, config_file, checkpoint, edge
 
     caplog.set_level(logging.INFO)
     out = tmp_path / "set.zarr"
-    code = main(["extract", "--config", str(config_file), "--checkpoint", str(checkpoint),
-                 "--input", str(edge_events_file), "--output", str(out), "--no-progress",
-                 "--set", "head.init_args.assignment_threshold=0.3", "--set", "extract.block_size=16",
-                 "--dtype", "bfloat16", "--keep-queries", "matched"])
+    code = main(
+        [
+            "extract",
+            "--config",
+            str(config_file),
+            "--checkpoint",
+            str(checkpoint),
+            "--input",
+            str(edge_events_file),
+            "--output",
+            str(out),
+            "--no-progress",
+            "--set",
+            "head.init_args.assignment_threshold=0.3",
+            "--set",
+            "extract.block_size=16",
+            "--dtype",
+            "bfloat16",
+            "--keep-queries",
+            "matched",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     reader = CacheReader(out)
     assert reader.settings["floor"] == 0.3 and reader.block_size == 16 and reader.num_blocks == 2

@@ -93,8 +93,12 @@ def test_fingerprint_inputs_cover_the_backbone_only(tiny_config):
     cfg["extract"]["batch_size"] = 3
     cfg["train"] = {"epochs": 1}
     assert backbone_fingerprint_inputs(cfg) == base
-    for section, key, value in (("model", "init_args", {"dim": 8}), ("data", "max_hits", 10),
-                                ("data", "hit_fields", ["x"]), ("data", "particle_fields", ["pt"])):
+    for section, key, value in (
+        ("model", "init_args", {"dim": 8}),
+        ("data", "max_hits", 10),
+        ("data", "hit_fields", ["x"]),
+        ("data", "particle_fields", ["pt"]),
+    ):
         cfg = copy.deepcopy(tiny_config)
         cfg[section][key] = value
         assert backbone_fingerprint_inputs(cfg) != base, (section, key)

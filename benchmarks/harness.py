@@ -1,0 +1,770 @@
+"""Benchmark harness: settings, shared data, the training modes as timed step loops, peak memory
+and the results files. Used by `benchmarks/test_bench_*.py` through `benchmarks/conftest.py`.
+
+Every mode runs the production code: the sources of `cachefeat.training.sources`, the head of
+`train.build_head`, AdamW + OneCycleLR + gradient clipping through an Accelerator as in
+`train.py` (head modes) and `pretrain.py` (the joint baseline, `Stage1Step`).
+
+Run as a script it is the entry point whose peak resident memory is measured:
+    python benchmarks/harness.py probe MODE SETTINGS_JSON DATA_DIR STEPS
+starts `python benchmarks/harness.py worker ...` (the training mode, STEPS optimizer steps) and
+prints one JSON line with the child's `ru_maxrss` (RUSAGE_CHILDREN; this process has no other child).
+
+Environment: CACHEFEAT_BENCH_DEVICE (cpu | cuda, default cpu), CACHEFEAT_BENCH_SCALE (multiplies
+the event counts, default 1), CACHEFEAT_BENCH_BATCH (training batch size; default 64 on cpu, the
+config's train.batch_size on cuda), CACHEFEAT_BENCH_THREADS (torch intra-op threads; default 1 on
+cpu, 0 = torch's default on cuda), CACHEFEAT_BENCH_RESULTS (results folder, default
+benchmarks/results), CACHEFEAT_BENCH_DATA (data folder, default benchmarks/.data).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+MODES = ("joint", "live_frozen_dense", "live_frozen_sparse", "cached_stream", "cached_memory")
+DTYPES = ("float32", "float16")
+REQUIRED_KEYS = (
+    "train_events_per_s", "speedup_cached_memory_vs_live_frozen", "speedup_cached_stream_vs_live_frozen",
+    "speedup_live_frozen_vs_joint", "extract_events_per_s", "forward_events_per_s", "extract_vs_forward",
+    "cache_bytes_per_event", "dense_bytes_per_event", "cache_read_gbps", "memcpy_gbps", "peak_rss_mb",
+    "breakeven_epochs", "machine",
+)
+# Issue targets on the 2-core CPU (muon): (summary value, comparison, threshold).
+TARGETS = {
+    "cached memory / live frozen dense": ("speedup_cached_memory_vs_live_frozen", ">=", 50.0),
+    "cached stream / live frozen dense": ("speedup_cached_stream_vs_live_frozen", ">=", 20.0),
+    "extraction / pure forward": ("extract_vs_forward", ">=", 0.85),
+    "cache / dense f32 (float32 embeddings)": ("cache_over_dense.float32", "<=", 0.30),
+    "cache / dense f32 (float16 embeddings)": ("cache_over_dense.float16", "<=", 0.18),
+    "cache read / memcpy": ("cache_read_vs_memcpy", ">=", 0.25),
+}
+MODE_LABELS = {
+    "joint": "joint (backbone + head)",
+    "live_frozen_dense": "live frozen, dense head",
+    "live_frozen_sparse": "live frozen, sparse head",
+    "cached_stream": "cached, streamed",
+    "cached_memory": "cached, in memory",
+}
+
+log = logging.getLogger("cachefeat.benchmarks")
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What one benchmark set runs on (event counts in events).
+
+    `slow_steps` / `joint_steps`: optimizer steps per timed round of the live frozen modes and of
+    joint training; cached modes time one epoch (`n_train // batch_size` steps, at least 8) per round.
+    `threads`: torch intra-op threads of every measured process (0: torch's default). Extraction
+    and caches use the config's `extract` options (block size included).
+    """
+
+    name: str
+    config: str
+    checkpoint: str
+    preset: str
+    n_train: int
+    n_val: int
+    n_extract: int
+    batch_size: int
+    seed: int
+    device: str
+    threads: int
+    slow_steps: int
+    joint_steps: int
+    slow_rounds: int
+    fast_rounds: int
+    rss_steps: int
+    target_val_loss: float
+    max_epochs: int
+
+    def data_key(self) -> str:
+        """Hash of everything that determines the data folder's content, and of the cachefeat version."""
+        import cachefeat
+
+        fields = {k: v for k, v in asdict(self).items()
+                  if k in ("name", "config", "preset", "n_train", "n_val", "n_extract", "seed", "device")}
+        fields["checkpoint_sha256"] = _file_sha256(ROOT / self.checkpoint)
+        fields["config_sha256"] = _file_sha256(ROOT / self.config)
+        fields["cachefeat"] = cachefeat.__version__
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+    def load_config(self) -> dict:
+        from cachefeat.config import load_config
+
+        return load_config(ROOT / self.config)
+
+    @property
+    def epoch_steps(self) -> int:
+        return max(self.n_train // self.batch_size, 8)
+
+    def plan(self, mode: str) -> tuple[int, int]:
+        """(optimizer steps per timed round, rounds) of a training mode."""
+        if mode == "joint":
+            return self.joint_steps, self.slow_rounds
+        if mode.startswith("live"):
+            return self.slow_steps, self.slow_rounds
+        return self.epoch_steps, self.fast_rounds
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def settings_from_env(name: str = "muon") -> BenchSettings:
+    """The settings of the `muon` (default) or `trackml` set, scaled by the environment (see the module docs)."""
+    from cachefeat.errors import UserError
+
+    device = os.environ.get("CACHEFEAT_BENCH_DEVICE", "cpu")
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"CACHEFEAT_BENCH_DEVICE must be cpu or cuda, not {device!r}")
+    try:
+        scale = float(os.environ.get("CACHEFEAT_BENCH_SCALE", "1"))
+    except ValueError:
+        raise UserError("CACHEFEAT_BENCH_SCALE must be a number") from None
+    gpu = device == "cuda"
+    if name == "muon":
+        base = dict(config="configs/muon.yaml", checkpoint="data/muon_stage1.ckpt", preset="muon",
+                    n_train=1024, n_val=256, n_extract=256, default_batch=64, target_val_loss=0.26,
+                    max_epochs=10)
+    elif name == "trackml":
+        checkpoint = os.environ.get("CACHEFEAT_BENCH_TRACKML_CHECKPOINT", "")
+        base = dict(config="configs/trackml.yaml", checkpoint=checkpoint, preset="trackml",
+                    n_train=16, n_val=4, n_extract=4, default_batch=2, target_val_loss=0.5, max_epochs=5)
+    else:
+        raise UserError(f"unknown benchmark set {name!r} (muon or trackml)")
+    config_batch = None
+    if gpu:
+        from cachefeat.config import load_config
+
+        config_batch = (load_config(ROOT / base["config"]).get("train") or {}).get("batch_size")
+    try:
+        batch = int(os.environ.get("CACHEFEAT_BENCH_BATCH") or config_batch or base["default_batch"])
+        threads = int(os.environ.get("CACHEFEAT_BENCH_THREADS") or (0 if gpu else 1))
+    except ValueError:
+        raise UserError("CACHEFEAT_BENCH_BATCH and CACHEFEAT_BENCH_THREADS must be integers") from None
+    if scale <= 0 or batch < 1 or threads < 0:
+        raise UserError("CACHEFEAT_BENCH_SCALE must be > 0, CACHEFEAT_BENCH_BATCH >= 1, CACHEFEAT_BENCH_THREADS >= 0")
+    n_train = max(round(base["n_train"] * scale), batch)
+    return BenchSettings(
+        name=name, config=base["config"], checkpoint=base["checkpoint"], preset=base["preset"],
+        n_train=n_train, n_val=max(round(base["n_val"] * scale), 1),
+        n_extract=max(round(base["n_extract"] * scale), 1), batch_size=batch, seed=1, device=device,
+        threads=threads, slow_steps=8 if gpu else 2, joint_steps=4 if gpu else 1, slow_rounds=3,
+        fast_rounds=5, rss_steps=2, target_val_loss=base["target_val_loss"], max_epochs=base["max_epochs"],
+    )
+
+
+def apply_threads(settings: BenchSettings) -> None:
+    """Set torch's intra-op threads for this process (no-op for 0).
+
+    On a shared CPU, two intra-op threads wait for each other at every parallel region while the
+    other tenants hold the cores; one thread per process measured 2-40x faster and far steadier here.
+    """
+    if settings.threads:
+        import torch
+
+        torch.set_num_threads(settings.threads)
+
+
+def results_dir() -> Path:
+    return Path(os.environ.get("CACHEFEAT_BENCH_RESULTS") or HERE / "results")
+
+
+def data_root() -> Path:
+    return Path(os.environ.get("CACHEFEAT_BENCH_DATA") or HERE / ".data")
+
+
+# --- shared data -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchData:
+    """The data folder of one settings key: simulated events and their caches.
+
+    train/val/extract_input: HDF5 event files (n_train, n_val, n_extract events).
+    caches: training-set cache by embedding dtype ("float32", "float16"); val_cache: float32.
+    build_s: seconds spent building the folder in this process (0.0 when it was reused).
+    """
+
+    root: Path
+    build_s: float
+
+    @property
+    def train(self) -> Path:
+        return self.root / "train.h5"
+
+    @property
+    def val(self) -> Path:
+        return self.root / "val.h5"
+
+    @property
+    def extract_input(self) -> Path:
+        return self.root / "extract.h5"
+
+    @property
+    def caches(self) -> dict[str, Path]:
+        return {dtype: self.root / f"train-{dtype}.zarr" for dtype in DTYPES}
+
+    @property
+    def val_cache(self) -> Path:
+        return self.root / "val-float32.zarr"
+
+
+def prepare_data(settings: BenchSettings, base: Path | None = None) -> BenchData:
+    """Simulate the events and extract their caches into `base/<settings.data_key()>`, unless done before.
+
+    Built in a temporary sibling folder and renamed at the end, so an interrupted build is redone.
+    """
+    from cachefeat.cache.extract import extract
+    from cachefeat.data.presets import get_preset
+    from cachefeat.data.simulate import write_event_file
+
+    base = Path(base or data_root())
+    final = base / settings.data_key()
+    if (final / "settings.json").is_file():
+        return BenchData(final, 0.0)
+    started = time.perf_counter()
+    tmp = base / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    draft = BenchData(tmp, 0.0)
+    preset = get_preset(settings.preset)
+    for path, n, seed in ((draft.train, settings.n_train, settings.seed),
+                          (draft.val, settings.n_val, settings.seed + 1),
+                          (draft.extract_input, settings.n_extract, settings.seed + 2)):
+        write_event_file(path, preset, n, seed)
+    config = settings.load_config()
+    jobs = [(draft.train, draft.caches[d], d) for d in DTYPES] + [(draft.val, draft.val_cache, "float32")]
+    timings = {}
+    for events, cache, dtype in jobs:
+        log.info("benchmark data: extracting %s (%s)", events.name, dtype)
+        summary = extract(config, ROOT / settings.checkpoint, events, cache, dtype=dtype, device=settings.device,
+                          progress=False)
+        timings[cache.name] = summary["seconds"]
+    build_s = time.perf_counter() - started
+    (tmp / "settings.json").write_text(json.dumps({**asdict(settings), "extract_seconds": timings,
+                                                   "build_s": build_s}, indent=1))
+    try:
+        os.replace(tmp, final)
+    except OSError:  # another process finished the same folder first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return BenchData(final, build_s)
+
+
+# --- training modes --------------------------------------------------------------------------
+
+
+def sync(device: str) -> None:
+    """Wait for queued device work (timings on CUDA)."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+class TrainLoop:
+    """One training mode as a loop of optimizer steps over endless epochs of its batches.
+
+    `run(steps)` does `steps` optimizer steps and returns the number of training events used.
+    """
+
+    def __init__(self, mode: str, step, batches, events_per_batch, device: str, closers=()):
+        self.mode = mode
+        self._step, self._batches = step, batches
+        self._events = events_per_batch
+        self.device = device
+        self._closers = list(closers)
+
+    def run(self, steps: int) -> int:
+        n = 0
+        for _ in range(steps):
+            item = next(self._batches)
+            self._step(item)
+            n += self._events(item)
+        sync(self.device)
+        return n
+
+    def close(self) -> None:
+        self._batches.close()
+        for close in self._closers:
+            close()
+
+
+def _endless(batches_of_epoch):
+    for epoch in itertools.count():
+        yield from batches_of_epoch(epoch)
+
+
+def _first_events_scaling(head, reader) -> None:
+    """The target scaling of `train.py`: matched targets of the first SCALING_EVENTS cache events."""
+    from cachefeat.training.train import SCALING_EVENTS
+
+    first = reader.read_events(0, min(reader.num_events, SCALING_EVENTS))
+    head.fit_scaling(first.targets, first.target_valid)
+
+
+def build_loop(mode: str, settings: BenchSettings, data: BenchData) -> TrainLoop:
+    """The training loop of `mode` (one of MODES) on the benchmark's training events."""
+    if mode == "joint":
+        return _joint_loop(settings, data)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    import torch
+
+    from cachefeat.cache.reader import CacheReader
+    from cachefeat.config import section
+    from cachefeat.training.accel import make_accelerator
+    from cachefeat.training.sources import CacheMemorySource, CacheStreamSource, LiveSource
+    from cachefeat.training.train import DEFAULTS, build_head
+
+    config = settings.load_config()
+    train_settings = section(config, "train", DEFAULTS)
+    B, seed = settings.batch_size, settings.seed
+    accelerator = make_accelerator(data.root / "run", device=settings.device)
+    device = accelerator.device
+    reader = CacheReader(data.caches["float32"])
+    closers = []
+    if mode.startswith("cached"):
+        head = build_head(config, list(reader.raw_fields), list(reader.particle_fields), "sparse", seed)
+        if mode == "cached_memory":
+            source = CacheMemorySource(reader, B, seed, 0, 1, device)
+        else:
+            source = CacheStreamSource(reader, B, seed, 0, 1)
+    else:
+        from cachefeat.cache.frozen import FrozenBackbone
+        from cachefeat.data.events import EventFile
+
+        dense = mode == "live_frozen_dense"
+        fields = config["data"]
+        head = build_head(config, list(fields["hit_fields"]), list(fields["particle_fields"]),
+                          "dense" if dense else "sparse", seed)
+        frozen = FrozenBackbone(config, ROOT / settings.checkpoint, device=device)
+        events = EventFile(data.train, fields["hit_fields"], fields["particle_fields"], fields.get("max_hits"))
+        closers.append(events.close)
+        source = LiveSource(frozen, events, B, seed, 0, 1, head.assignment_threshold, device,
+                            keep_hits="all" if dense else "assigned")
+    _first_events_scaling(head, reader)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=train_settings["lr"],
+                                  weight_decay=train_settings["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=train_settings["lr"], total_steps=10**7)
+    head, optimizer, scheduler = accelerator.prepare(head, optimizer, scheduler)
+    module = accelerator.unwrap_model(head)
+    head.train()
+    clip = train_settings["grad_clip"]
+
+    def step(hb) -> None:  # the body of train.py's training loop
+        hb = hb.to(device).float()
+        with accelerator.accumulate(head):
+            loss = module.loss(head(hb), hb)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and clip:
+                accelerator.clip_grad_norm_(head.parameters(), clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        accelerator.gather(loss.detach()[None]).mean().item()
+
+    return TrainLoop(mode, step, _endless(source.batches), lambda hb: hb.num_events, settings.device, closers)
+
+
+def _joint_loop(settings: BenchSettings, data: BenchData) -> TrainLoop:
+    """Joint training, the step of `pretrain.py --joint`: backbone (from the checkpoint) + head trainable.
+
+    Its batches are the live source's (`epoch_event_batches`), not pretrain's hit-count buckets, so
+    that joint and live frozen differ only in what is trained.
+    """
+    import torch
+
+    from cachefeat.config import section
+    from cachefeat.data.events import EventFile
+    from cachefeat.model.checkpoint import load_checkpoint, load_model_state
+    from cachefeat.training.accel import make_accelerator
+    from cachefeat.training.pretrain import DEFAULTS, Stage1Step, build_stage1, fit_head_scaling
+    from cachefeat.training.sources import epoch_event_batches
+
+    config = settings.load_config()
+    pre = section(config, "pretrain", DEFAULTS)
+    fields = config["data"]
+    accelerator = make_accelerator(data.root / "run", device=settings.device)
+    device = accelerator.device
+    torch.manual_seed(settings.seed)
+    backbone, head = build_stage1(config, joint=True)
+    load_model_state(backbone, load_checkpoint(ROOT / settings.checkpoint))
+    events = EventFile(data.train, fields["hit_fields"], fields["particle_fields"], fields.get("max_hits"))
+    fit_head_scaling(head, events)
+    model = Stage1Step(backbone, head, fields["hit_fields"], fields["particle_fields"], pre["head_loss_weight"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=pre["lr"], weight_decay=pre["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=pre["lr"], total_steps=10**7)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model.train()
+
+    def batches(epoch: int):  # the live source's batches: same events, same order, same padding
+        for idx in epoch_event_batches(len(events), settings.batch_size, settings.seed, epoch):
+            yield {k: v.to(device, non_blocking=True) for k, v in events.read(idx).items()}
+
+    def step(batch) -> None:  # the body of pretrain.py's training loop
+        loss, _, _ = model(batch)
+        accelerator.backward(loss)
+        if pre["grad_clip"]:
+            accelerator.clip_grad_norm_(model.parameters(), pre["grad_clip"])
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        float(loss.detach())
+
+    return TrainLoop("joint", step, _endless(batches), lambda b: int(b["event_id"].shape[0]), settings.device,
+                     [events.close])
+
+
+def frozen_forward(settings: BenchSettings, data: BenchData):
+    """A callable running the bare frozen forward over `data.extract_input`, in extraction's batches.
+
+    The batches are those of `cachefeat.cache.extract.extract_block`: per commit block, events
+    bucketed by hit count into the config's extract.batch_size. Nothing is kept or written.
+    """
+    import numpy as np
+
+    from cachefeat.cache.extract import resolve_options
+    from cachefeat.cache.frozen import FrozenBackbone
+    from cachefeat.cache.schema import block_range, num_blocks
+    from cachefeat.data.events import EventFile, bucketed_batches
+
+    config = settings.load_config()
+    fields = config["data"]
+    opts = resolve_options(config)
+    frozen = FrozenBackbone(config, ROOT / settings.checkpoint, device=settings.device)
+    events = EventFile(data.extract_input, fields["hit_fields"], fields["particle_fields"], fields.get("max_hits"))
+    batches = []
+    for block in range(num_blocks(len(events), opts["block_size"])):
+        start, stop = block_range(block, len(events), opts["block_size"])
+        batches += [start + b for b in bucketed_batches(events.hit_counts[start:stop], opts["batch_size"])]
+
+    def run() -> int:
+        for idx in batches:
+            frozen.forward(events.read(np.asarray(idx)))
+        sync(settings.device)
+        return len(events)
+
+    return run, events.close
+
+
+def extraction(settings: BenchSettings, data: BenchData, output: Path):
+    """A callable extracting `data.extract_input` (float32 cache, the config's options) into `output`."""
+    from cachefeat.cache.extract import extract
+
+    config = settings.load_config()
+
+    def run() -> dict:
+        return extract(config, ROOT / settings.checkpoint, data.extract_input, output, mode="overwrite",
+                       dtype="float32", device=settings.device, progress=False)
+
+    return run
+
+
+def time_to_target(settings: BenchSettings, data: BenchData, run_dir: Path) -> dict:
+    """Train the head over the resident float32 cache with `train()` for `max_epochs` epochs.
+
+    Returns {"target_val_loss", "max_epochs", "val_loss" (per epoch), "epochs" (the first epoch
+    whose validation loss is <= the target, None if none)}.
+    """
+    from cachefeat.training.train import train
+
+    train(settings.load_config(), run_dir, source="cache", cache=data.caches["float32"],
+          val_cache=data.val_cache, data_mode="memory", max_epochs=settings.max_epochs,
+          batch_size=settings.batch_size, seed=settings.seed, device=settings.device)
+    curve = [row["val_loss"] for row in json.loads((run_dir / "metrics.json").read_text())]
+    reached = [i + 1 for i, v in enumerate(curve) if v <= settings.target_val_loss]
+    return {"target_val_loss": settings.target_val_loss, "max_epochs": settings.max_epochs,
+            "val_loss": curve, "epochs": reached[0] if reached else None}
+
+
+# --- peak memory in a subprocess ------------------------------------------------------------
+
+
+def peak_rss(mode: str, settings: BenchSettings, data: BenchData) -> dict:
+    """Peak resident memory (MB) of a fresh process running `settings.rss_steps` steps of `mode`.
+
+    Also "cuda_peak_mb" (torch.cuda.max_memory_allocated) on CUDA; mode "idle" only imports
+    torch and cachefeat (the floor every mode shares).
+    """
+    cmd = [sys.executable, str(Path(__file__).resolve()), "probe", mode, json.dumps(asdict(settings)),
+           str(data.root), str(settings.rss_steps)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"peak-memory probe of {mode} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _probe(argv: list[str]) -> None:
+    import resource
+
+    worker = subprocess.run([sys.executable, str(Path(__file__).resolve()), "worker", *argv],
+                            capture_output=True, text=True, check=False)
+    if worker.returncode != 0:
+        sys.stderr.write(worker.stderr)
+        raise SystemExit(worker.returncode)
+    report = json.loads(worker.stdout.strip().splitlines()[-1])
+    report["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # kB on Linux
+    sys.stdout.write(json.dumps(report) + "\n")
+
+
+def _worker(argv: list[str]) -> None:
+    mode, settings_json, root, steps = argv
+    import torch
+
+    import cachefeat.training.train  # noqa: F401  (the imports every mode pays)
+
+    settings = BenchSettings(**json.loads(settings_json))
+    apply_threads(settings)
+    report = {"mode": mode, "steps": int(steps)}
+    if mode != "idle":
+        loop = build_loop(mode, settings, BenchData(Path(root), 0.0))
+        report["events"] = loop.run(int(steps))
+        loop.close()
+    if settings.device == "cuda":
+        report["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    sys.stdout.write(json.dumps(report) + "\n")
+
+
+# --- results ---------------------------------------------------------------------------------
+
+
+def machine_info(device: str) -> dict:
+    import numpy
+    import torch
+    import zarr
+
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__, "zarr": zarr.__version__,
+            "numpy": numpy.__version__, "device": device,
+            "device_name": torch.cuda.get_device_name() if device == "cuda" else cpu}
+    if hasattr(os, "getloadavg"):
+        info["load_average_1min"] = os.getloadavg()[0]
+    return info
+
+
+def _get(summary: dict, dotted: str):
+    value = summary
+    for key in dotted.split("."):
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return value
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def finalize(results: dict) -> dict:
+    """The summary: the measured `results` plus the derived ratios, time to target and target checks."""
+    s = dict(results)
+    rates = s.get("train_events_per_s", {})
+    live = rates.get("live_frozen_dense")
+    s["speedup_cached_memory_vs_live_frozen"] = _ratio(rates.get("cached_memory"), live)
+    s["speedup_cached_stream_vs_live_frozen"] = _ratio(rates.get("cached_stream"), live)
+    s["speedup_live_frozen_vs_joint"] = _ratio(live, rates.get("joint"))
+    s["speedup_cached_memory_vs_live_frozen_sparse"] = _ratio(rates.get("cached_memory"),
+                                                              rates.get("live_frozen_sparse"))
+    s["extract_vs_forward"] = _ratio(s.get("extract_events_per_s"), s.get("forward_events_per_s"))
+    s["cache_read_vs_memcpy"] = _ratio(s.get("cache_read_gbps"), s.get("memcpy_gbps"))
+    settings = s.get("settings") or {}
+    n_train = settings.get("n_train")
+    extract_s = _ratio(n_train, s.get("extract_events_per_s"))
+    epoch_live = _ratio(n_train, live)
+    epoch_cached = _ratio(n_train, rates.get("cached_memory"))
+    s["breakeven_epochs"] = None
+    if extract_s is not None and epoch_live is not None and epoch_cached is not None and epoch_live > epoch_cached:
+        s["breakeven_epochs"] = extract_s / (epoch_live - epoch_cached)
+    target = s.get("time_to_target")
+    if target and None not in (extract_s, epoch_live, epoch_cached):
+        target.update(extraction_s=extract_s, epoch_s_cached_memory=epoch_cached, epoch_s_live_frozen=epoch_live)
+        k = target.get("epochs")
+        if k is not None:
+            target.update(cached_wall_s=extract_s + k * epoch_cached, live_wall_s=k * epoch_live)
+            target["speedup"] = target["live_wall_s"] / target["cached_wall_s"]
+    s["targets"] = {}
+    for name, (key, op, threshold) in TARGETS.items():
+        value = _get(s, key)
+        met = None if value is None else (value >= threshold if op == ">=" else value <= threshold)
+        s["targets"][name] = {"key": key, "value": value, "target": f"{op} {threshold:g}", "met": met}
+    s["missing"] = [k for k in REQUIRED_KEYS if _get(s, k) is None]
+    for k in ("train_events_per_s", "peak_rss_mb"):
+        if isinstance(s.get(k), dict):
+            s["missing"] += [f"{k}.{m}" for m in MODES if m not in s[k]]
+    if isinstance(s.get("cache_bytes_per_event"), dict):
+        s["missing"] += [f"cache_bytes_per_event.{d}" for d in DTYPES if d not in s["cache_bytes_per_event"]]
+    return s
+
+
+def write_results(summary: dict, folder: Path) -> list[Path]:
+    """summary.json, summary.md and throughput.png in `folder`; returns the paths written.
+
+    A run that lacks some of the required keys (e.g. a `-k` selection) writes
+    summary.partial.json / summary.partial.md instead, so a full reference is never overwritten
+    by a partial one.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = "summary" if not summary["missing"] else "summary.partial"
+    paths = [folder / f"{stem}.json", folder / f"{stem}.md"]
+    paths[0].write_text(json.dumps(summary, indent=1, default=_jsonable) + "\n")
+    paths[1].write_text(markdown(summary))
+    rates = summary.get("train_events_per_s") or {}
+    if rates:
+        paths.append(folder / ("throughput.png" if stem == "summary" else "throughput.partial.png"))
+        plot_throughput(summary, paths[-1])
+    return paths
+
+
+def _jsonable(value):
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "**no**"
+    if isinstance(value, (int, float)):
+        if value == 0 or 1e-3 <= abs(value) < 1e6:
+            return f"{value:,.{digits}g}" if abs(value) < 1000 else f"{value:,.0f}"
+        return f"{value:.3g}"
+    return str(value)
+
+
+def markdown(s: dict) -> str:
+    """The summary as a markdown report."""
+    m = s.get("machine") or {}
+    st = s.get("settings") or {}
+    rates = s.get("train_events_per_s") or {}
+    live = rates.get("live_frozen_dense")
+    lines = [
+        f"# cachefeat benchmarks ({st.get('name', '?')})",
+        "",
+        f"{m.get('device_name', '?')} ({m.get('device', '?')}); {m.get('cores', '?')} cores, "
+        f"torch {m.get('torch', '?')}, zarr {m.get('zarr', '?')}; load average "
+        f"{_fmt(m.get('load_average_1min'))} at the start. {st.get('n_train', '?')} training events, "
+        f"batch size {st.get('batch_size', '?')}. Throughputs are medians of timed rounds after a warm-up "
+        "round (see `rounds`).",
+        "",
+        "## Training throughput",
+        "",
+        "| mode | events/s | vs live frozen dense | rounds × steps |",
+        "|---|---:|---:|---:|",
+    ]
+    plan = s.get("train_plan") or {}
+    for mode in MODES:
+        r = rates.get(mode)
+        p = plan.get(mode)
+        lines.append(f"| {MODE_LABELS[mode]} | {_fmt(r)} | {_fmt(_ratio(r, live))}× | "
+                     f"{'–' if not p else f'{p[1]} × {p[0]}'} |")
+    lines += ["", "## Targets", "", "| measure | value | target | met |", "|---|---:|---:|:---:|"]
+    for name, t in (s.get("targets") or {}).items():
+        lines.append(f"| {name} | {_fmt(t['value'])} | {t['target']} | {_fmt(t['met'])} |")
+    bpe = s.get("cache_bytes_per_event") or {}
+    lines += [
+        "", "## Extraction, cache size and reads", "",
+        "| measure | value |", "|---|---:|",
+        f"| extraction (events/s) | {_fmt(s.get('extract_events_per_s'))} |",
+        f"| pure frozen forward (events/s) | {_fmt(s.get('forward_events_per_s'))} |",
+        f"| extraction / forward | {_fmt(s.get('extract_vs_forward'))} |",
+        *(f"| cache bytes per event ({d}) | {_fmt(v)} |" for d, v in bpe.items()),
+        f"| dense float32 bytes per event | {_fmt(s.get('dense_bytes_per_event'))} |",
+        *(f"| cache / dense ({d}) | {_fmt(v)} |" for d, v in (s.get("cache_over_dense") or {}).items()),
+        *(f"| compression ratio ({d}) | {_fmt(v)} |" for d, v in (s.get("compression_ratio") or {}).items()),
+        f"| cache read, decoded (GB/s) | {_fmt(s.get('cache_read_gbps'))} |",
+        f"| memcpy, same bytes (GB/s) | {_fmt(s.get('memcpy_gbps'))} |",
+        f"| cache read / memcpy | {_fmt(s.get('cache_read_vs_memcpy'))} |",
+        "", "## Peak resident memory (fresh process, MB)", "", "| mode | MB |", "|---|---:|",
+        *(f"| {MODE_LABELS.get(k, k)} | {_fmt(v)} |" for k, v in (s.get("peak_rss_mb") or {}).items()),
+    ]
+    if s.get("rss_idle_mb") is not None:
+        lines.append(f"| (python + torch + cachefeat imported, nothing run) | {_fmt(s['rss_idle_mb'])} |")
+    t = s.get("time_to_target") or {}
+    lines += [
+        "", "## Time to a fixed validation loss", "",
+        f"Target validation loss {_fmt(t.get('target_val_loss'))}: reached after {_fmt(t.get('epochs'))} epochs "
+        f"(of {_fmt(t.get('max_epochs'))}) of cached training; the live frozen trajectory is the same "
+        "(equivalence), so live needs as many epochs.",
+        "",
+        "| | seconds |", "|---|---:|",
+        f"| extraction of the training set | {_fmt(t.get('extraction_s'))} |",
+        f"| one epoch, cached in memory | {_fmt(t.get('epoch_s_cached_memory'))} |",
+        f"| one epoch, live frozen dense | {_fmt(t.get('epoch_s_live_frozen'))} |",
+        f"| to target, cached (extraction + k epochs) | {_fmt(t.get('cached_wall_s'))} |",
+        f"| to target, live frozen (k epochs) | {_fmt(t.get('live_wall_s'))} |",
+        "", f"Break-even after {_fmt(s.get('breakeven_epochs'))} epochs "
+        "(extraction time / (live epoch − cached epoch)).",
+    ]
+    known = set(REQUIRED_KEYS) | {"settings", "targets", "missing", "time_to_target", "train_plan", "rss_idle_mb",
+                                  "cache_over_dense", "compression_ratio", "cache_read_vs_memcpy", "data",
+                                  "speedup_cached_memory_vs_live_frozen_sparse", "session_wall_s",
+                                  "cache_read_gbps_by_dtype"}
+    extra = {k: v for k, v in s.items() if k not in known}
+    if extra:
+        lines += ["", "## Other results", ""]
+        for key, value in extra.items():
+            lines += [f"### {key}", "", "```json", json.dumps(value, indent=1, default=_jsonable), "```", ""]
+    if s.get("missing"):
+        lines += ["", f"Not measured in this run: {', '.join(s['missing'])}."]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def plot_throughput(s: dict, path: Path) -> None:
+    """Bar chart of training events/s by mode (log scale), each bar labelled with its rate and speedup."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = s["train_events_per_s"]
+    modes = [m for m in MODES if m in rates]
+    values = [rates[m] for m in modes]
+    live = rates.get("live_frozen_dense")
+    fig, ax = plt.subplots(figsize=(8, 4.2), layout="constrained")
+    colors = ["#9e9e9e", "#d98c3f", "#e0b050", "#4f8fc0", "#2c6e9e"]
+    bars = ax.barh([MODE_LABELS[m] for m in modes], values, color=[colors[MODES.index(m)] for m in modes])
+    ax.set_xscale("log")
+    ax.invert_yaxis()
+    ax.set_xlim(min(values) / 3, max(values) * 12)
+    for bar, value in zip(bars, values):
+        label = f"{value:,.0f} ev/s" if value >= 10 else f"{value:.2g} ev/s"
+        if live:
+            label += f"  ({value / live:.3g}× live frozen)"
+        ax.text(value * 1.1, bar.get_y() + bar.get_height() / 2, label, va="center", fontsize=9)
+    m, st = s.get("machine") or {}, s.get("settings") or {}
+    ax.set_xlabel("training throughput, events/s (log scale)")
+    ax.set_title(f"cachefeat phase-2 training, {st.get('name', '')}: {m.get('device_name', '')} "
+                 f"({m.get('cores', '?')} cores), batch {st.get('batch_size', '?')}", fontsize=10)
+    ax.grid(axis="x", which="both", alpha=0.3)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    command, *rest = sys.argv[1:]
+    {"probe": _probe, "worker": _worker}[command](rest)

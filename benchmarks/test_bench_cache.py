@@ -1,0 +1,62 @@
+"""The cache: bytes per event against the dense float32 layout, and full-read rate against a memory copy."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+import harness
+import numpy as np
+import pytest
+
+
+@pytest.mark.parametrize("dtype", harness.DTYPES)
+def test_cache_size(dtype, bench_data, results):
+    from cachefeat.cache.reader import CacheReader, cache_summary
+
+    summary = cache_summary(CacheReader(bench_data.caches[dtype]))
+    dense = summary["dense_float32"]["per_event"]
+    per_event = summary["bytes"]["per_event"]
+    assert 0 < per_event < dense
+    results.setdefault("cache_bytes_per_event", {})[dtype] = per_event
+    results.setdefault("cache_over_dense", {})[dtype] = per_event / dense
+    results.setdefault("compression_ratio", {})[dtype] = summary["bytes"]["compression_ratio"]
+    results["dense_bytes_per_event"] = dense
+
+
+def _decoded_bytes(hb) -> int:
+    return sum(getattr(hb, f.name).nbytes for f in fields(hb))
+
+
+@pytest.mark.benchmark(group="cache-read")
+@pytest.mark.parametrize("dtype", harness.DTYPES)
+def test_cache_read(benchmark, dtype, bench_data, results):
+    from cachefeat.cache.reader import CacheReader
+
+    reader = CacheReader(bench_data.caches[dtype])
+    hb = benchmark.pedantic(reader.read_events, args=(0, reader.num_events), rounds=7, warmup_rounds=1)
+    assert hb.num_events == reader.num_events
+    nbytes = _decoded_bytes(hb)
+    results.setdefault("cache_read_bytes", {})[dtype] = nbytes
+    if benchmark.stats:
+        gbps = nbytes / benchmark.stats.stats.median / 1e9
+        benchmark.extra_info["GBps"] = gbps
+        results.setdefault("cache_read_gbps_by_dtype", {})[dtype] = gbps
+        if dtype == "float32":
+            results["cache_read_gbps"] = gbps
+
+
+@pytest.mark.benchmark(group="cache-read")
+def test_memcpy(benchmark, bench_data, results):
+    """A plain copy of as many bytes as the float32 cache decodes to, into a preallocated buffer."""
+    from cachefeat.cache.reader import CacheReader
+
+    reader = CacheReader(bench_data.caches["float32"])
+    nbytes = _decoded_bytes(reader.read_events(0, reader.num_events))
+    src = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
+    dst = np.empty_like(src)
+    benchmark.pedantic(np.copyto, args=(dst, src), rounds=21, warmup_rounds=2)
+    assert np.array_equal(dst, src)
+    if benchmark.stats:
+        gbps = nbytes / benchmark.stats.stats.median / 1e9
+        benchmark.extra_info["GBps"] = gbps
+        results["memcpy_gbps"] = gbps

@@ -1,0 +1,46 @@
+"""Phase-2 training side by side: joint, live frozen (dense, sparse head), cached (streamed, in memory).
+
+Each timed round is a fixed number of optimizer steps of the production loop (`harness.build_loop`);
+events/s = steps × batch size / median round time. Peak memory is measured in a fresh process.
+"""
+
+from __future__ import annotations
+
+import harness
+import pytest
+
+
+@pytest.mark.benchmark(group="train-throughput")
+@pytest.mark.parametrize("mode", harness.MODES)
+def test_train_throughput(benchmark, mode, bench_settings, bench_data, results):
+    steps, rounds = bench_settings.plan(mode)
+    loop = harness.build_loop(mode, bench_settings, bench_data)
+    try:
+        events = benchmark.pedantic(loop.run, args=(steps,), rounds=rounds, warmup_rounds=1, iterations=1)
+    finally:
+        loop.close()
+    assert events == steps * bench_settings.batch_size
+    results.setdefault("train_plan", {})[mode] = [steps, rounds]
+    if benchmark.stats:
+        rate = events / benchmark.stats.stats.median
+        benchmark.extra_info["events_per_s"] = rate
+        results.setdefault("train_events_per_s", {})[mode] = rate
+
+
+@pytest.mark.parametrize("mode", harness.MODES)
+def test_peak_rss(mode, bench_settings, bench_data, results):
+    report = harness.peak_rss(mode, bench_settings, bench_data)
+    assert report["events"] == bench_settings.rss_steps * bench_settings.batch_size
+    results.setdefault("peak_rss_mb", {})[mode] = report["peak_rss_mb"]
+    if "cuda_peak_mb" in report:
+        results.setdefault("peak_cuda_mb", {})[mode] = report["cuda_peak_mb"]
+
+
+def test_peak_rss_idle(bench_settings, bench_data, results):
+    results["rss_idle_mb"] = harness.peak_rss("idle", bench_settings, bench_data)["peak_rss_mb"]
+
+
+def test_time_to_target(bench_settings, bench_data, results, tmp_path):
+    outcome = harness.time_to_target(bench_settings, bench_data, tmp_path / "run")
+    assert len(outcome["val_loss"]) == bench_settings.max_epochs
+    results["time_to_target"] = outcome

@@ -1,0 +1,307 @@
+"""`verify_cache`: the equivalence contract (DESIGN.md §8.2, 8.3, 8.5) as a check of one cache.
+
+The frozen backbone runs live on a seeded random sample of the cache's events, at two batch
+sizes (B, padded, and 1, unpadded), and every field of the cached `HeadBatch` of the same
+events is compared with the live one. Then the config's regression head computes its loss and
+the gradient of every parameter on the cached batch and on the live one.
+
+Tolerances (element-wise |cached - live| <= rtol * |live| + atol * max|live of that field|):
+
+- integer and bool fields, raw hit features and targets (float32 copies): exact.
+- float32 embeddings and logits: rtol 1e-5, atol 5e-5 of the field's largest magnitude. Two
+  batch compositions of the 4-layer muon backbone differ by summation order only; measured
+  worst over 160 events at batch sizes 64, 21 and 1 (CPU): 4.6e-6 of the field's magnitude
+  (pair logits), while element-wise relative errors of mid-sized values reach 2.6e-4, so a
+  pure rtol cannot express float32 rounding here.
+- float16 / bfloat16 embeddings: one unit in the last place of the storage dtype on top
+  (rtol 2^-10 resp. 2^-7). Logits are stored as float32 whatever the embedding dtype.
+- head loss and gradients: rtol 1e-5, atol 1e-6 of each parameter gradient's largest
+  magnitude. For float16/bfloat16 caches the live reference has its embeddings rounded to the
+  storage dtype, as extraction stores them, and atol grows by 4 storage ulps: a live value that
+  sits on a rounding boundary may round the other way (measured worst: 1.1 unit roundoffs of
+  the largest gradient, float16, 64 events). The rounding itself moves the gradients by up to
+  ~8 unit roundoffs of their norm (measured), which is the documented price of the dtype.
+- caches extracted under bf16 autocast (`precision: bf16`): every float field gets 2^-5 of its
+  magnitude on top, since the live forward runs in bfloat16 too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+
+import numpy as np
+import torch
+
+from cachefeat.errors import UserError
+from cachefeat.head.inputs import HeadBatch, concat
+
+log = logging.getLogger(__name__)
+
+EXACT_FIELDS = (
+    "event_id", "hit_offsets", "query_offsets", "query_slot", "target_index", "target_valid",
+    "pair_query", "pair_hit", "hit_raw", "targets",
+)
+EMBED_FIELDS = ("hit_embed", "query_embed")
+LOGIT_FIELDS = ("query_valid_logit", "pair_logit")
+FIELDS = EXACT_FIELDS + EMBED_FIELDS + LOGIT_FIELDS
+
+F32_RTOL = 1e-5
+F32_ATOL = 5e-5  # of the field's largest magnitude
+HEAD_RTOL = 1e-5
+HEAD_ATOL = 1e-6  # of each gradient's largest magnitude
+STORAGE_ULP = {"float32": 0.0, "float16": 2.0**-10, "bfloat16": 2.0**-7}
+BF16_FORWARD_ATOL = 2.0**-5  # extra, of the field's magnitude, when the cache was extracted under bf16 autocast
+HEAD_FLIP_ULPS = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    """|a - b| <= rtol * |b| + atol * max|b| element-wise; rtol = atol = 0 means exact."""
+
+    rtol: float = 0.0
+    atol: float = 0.0
+
+    def __str__(self) -> str:
+        if self.rtol == 0 and self.atol == 0:
+            return "exact"
+        return f"rtol {self.rtol:.2g} + {self.atol:.2g}*max"
+
+
+def field_tolerances(embed_dtype: str, precision: str = "fp32") -> dict[str, Tolerance]:
+    """The tolerance of every compared field, plus "head loss" and "head gradients"."""
+    if embed_dtype not in STORAGE_ULP:
+        raise UserError(f"unknown embedding dtype '{embed_dtype}' (expected one of {', '.join(STORAGE_ULP)})")
+    forward = BF16_FORWARD_ATOL if precision == "bf16" else 0.0
+    ulp = STORAGE_ULP[embed_dtype]
+    tol = {name: Tolerance() for name in EXACT_FIELDS}
+    tol.update({name: Tolerance(F32_RTOL + ulp, F32_ATOL + ulp + forward) for name in EMBED_FIELDS})
+    tol.update({name: Tolerance(F32_RTOL, F32_ATOL + forward) for name in LOGIT_FIELDS})
+    head = Tolerance(HEAD_RTOL, HEAD_ATOL + HEAD_FLIP_ULPS * ulp + forward)
+    tol["head loss"] = head
+    tol["head gradients"] = head
+    return tol
+
+
+def compare(cached: torch.Tensor, live: torch.Tensor, tol: Tolerance) -> dict:
+    """One row of the report: max_abs, max_rel (max_abs over max|live|), ok, detail.
+
+    Shapes must match; values are compared in float64 on the CPU.
+    """
+    c = cached.detach().cpu()
+    ref = live.detach().cpu()
+    if c.shape != ref.shape:
+        return {"max_abs": None, "max_rel": None, "tolerance": str(tol), "ok": False,
+                "detail": f"shape {tuple(c.shape)} in the cache, {tuple(ref.shape)} live"}
+    c, ref = c.to(torch.float64), ref.to(torch.float64)
+    if c.numel() == 0:
+        return {"max_abs": 0.0, "max_rel": 0.0, "tolerance": str(tol), "ok": True, "detail": ""}
+    diff = (c - ref).abs()
+    scale = float(ref.abs().max())
+    allowed = tol.rtol * ref.abs() + tol.atol * scale
+    ok = bool((diff <= allowed).all())  # False on NaN
+    max_abs = float(diff.max())
+    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
+    detail = ""
+    if not ok:
+        worst = int(torch.argmax(torch.where(diff <= allowed, -math.inf, diff - allowed).flatten()))
+        index = tuple(int(i) for i in np.unravel_index(worst, tuple(c.shape)))
+        detail = f"at {index}: {float(c.flatten()[worst]):.7g} in the cache, {float(ref.flatten()[worst]):.7g} live"
+    return {"max_abs": max_abs, "max_rel": max_rel, "tolerance": str(tol), "ok": ok, "detail": detail}
+
+
+def _worst(rows: list[dict]) -> dict:
+    """The rows of one field over several live batch sizes, merged: worst errors, all must pass."""
+    failed = [r for r in rows if not r["ok"]]
+    pick = failed[0] if failed else rows[0]
+    numbers = [r for r in rows if r["max_abs"] is not None]
+    return {
+        "max_abs": max((r["max_abs"] for r in numbers), default=None),
+        "max_rel": max((r["max_rel"] for r in numbers), default=None),
+        "tolerance": pick["tolerance"],
+        "ok": not failed,
+        "detail": pick["detail"],
+    }
+
+
+def as_stored(hb: HeadBatch, embed_dtype: str) -> HeadBatch:
+    """`hb` with its embeddings rounded to the storage dtype and widened back to float32."""
+    dtype = getattr(torch, embed_dtype)
+    return dataclasses.replace(hb, hit_embed=hb.hit_embed.to(dtype).float(),
+                               query_embed=hb.query_embed.to(dtype).float())
+
+
+def sample_events(num_events: int, events: int, seed: int) -> np.ndarray:
+    """min(events, num_events) distinct event indices in a random order drawn from `seed`."""
+    return np.random.default_rng(seed).choice(num_events, size=min(events, num_events), replace=False)
+
+
+def read_sample(reader, indices: np.ndarray) -> HeadBatch:
+    """The cached events `indices`, in that order: contiguous runs read from disk, then gathered
+    by `ResidentCache.batch` (the training path's gather)."""
+    from cachefeat.cache.reader import ResidentCache
+
+    order = np.sort(indices)
+    runs = np.split(order, np.flatnonzero(np.diff(order) != 1) + 1)
+    resident = ResidentCache(concat([reader.read_events(int(r[0]), int(r[-1]) + 1) for r in runs]))
+    return resident.batch(np.searchsorted(order, indices))
+
+
+def live_sample(backbone, events, indices: np.ndarray, batch_size: int, settings: dict) -> HeadBatch:
+    """The live `HeadBatch` of `indices` (in that order), forwarded `batch_size` events at a time (CPU)."""
+    parts = []
+    for start in range(0, len(indices), batch_size):
+        hb, _ = backbone.head_batch(
+            events.read(indices[start:start + batch_size]), float(settings["floor"]),
+            keep_hits=settings.get("keep_hits", "assigned"), keep_queries=settings.get("keep_queries", "all"),
+        )
+        parts.append(hb.to("cpu"))
+    return concat(parts)
+
+
+def head_loss_and_grads(head, hb: HeadBatch, device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The head's loss on `hb` and the gradient of every parameter (CPU copies)."""
+    head.zero_grad(set_to_none=True)
+    hb = hb.to(device).float()
+    loss = head.loss(head(hb), hb)
+    loss.backward()
+    grads = {name: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().cpu().clone()
+             for name, p in head.named_parameters()}
+    return loss.detach().cpu(), grads
+
+
+def compare_head(head, cached: HeadBatch, live: HeadBatch, tol: Tolerance, device) -> dict[str, dict]:
+    """Rows "head loss" and "head gradients" (worst parameter, named in `detail`)."""
+    loss_c, grads_c = head_loss_and_grads(head, cached, device)
+    loss_l, grads_l = head_loss_and_grads(head, live, device)
+    rows = {name: compare(grads_c[name], grads_l[name], tol) for name in grads_l}
+    failed = [name for name, row in rows.items() if not row["ok"]]
+    worst = failed[0] if failed else max(rows, key=lambda n: rows[n]["max_rel"])
+    grad_row = dict(rows[worst])
+    grad_row["detail"] = f"{worst} {grad_row['detail']}".strip()
+    return {"head loss": compare(loss_c, loss_l, tol), "head gradients": grad_row}
+
+
+def verify_cache(config: dict, cache, checkpoint, input, *, events: int = 64, seed: int = 0,
+                 batch_size: int | None = None, device="cpu") -> dict:
+    """Check a cache against live frozen inference on a random sample of its events.
+
+    Args:
+        config: the config the cache was extracted with (data, model, head, extract sections).
+        cache: the cache directory; checkpoint: the stage-1 checkpoint; input: the event file.
+        events: how many events to sample (all of them when the cache holds fewer).
+        seed: draws the sample and seeds the head's initial weights.
+        batch_size: the padded live batch size B (default: extract.batch_size); the sample is
+            also forwarded one event at a time.
+        device: where the backbone and the head run.
+
+    Returns:
+        {"ok", "cache", "events" (sampled indices), "batch_sizes", "embed_dtype", "precision",
+        "warnings" (library version changes), "fields": {name: {"max_abs", "max_rel",
+        "tolerance", "ok", "detail"}}}; fields are "fingerprint", "checksums", every `FIELDS`
+        entry, "head loss" and "head gradients". When the checksums fail, nothing else is compared.
+
+    Raises:
+        UserError on bad input: out-of-range options, a missing or foreign file, or a cache whose
+        fingerprint does not match the checkpoint, the config or the input.
+    """
+    from cachefeat.cache.extract import EXTRACT_DEFAULTS
+    from cachefeat.cache.fingerprint import fingerprint_diff, make_fingerprint
+    from cachefeat.cache.frozen import FrozenBackbone, backbone_fingerprint_inputs
+    from cachefeat.cache.reader import CacheReader
+    from cachefeat.config import section
+    from cachefeat.data.events import EventFile
+    from cachefeat.training.train import build_head
+
+    if events < 1:
+        raise UserError(f"--events must be at least 1, got {events}")
+    if seed < 0:
+        raise UserError(f"--seed must be >= 0, got {seed}")
+    if batch_size is None:
+        batch_size = section(config, "extract", EXTRACT_DEFAULTS)["batch_size"]
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+
+    reader = CacheReader(cache)
+    if reader.num_events == 0:
+        raise UserError(f"cache {cache} holds no events: nothing to verify")
+    fingerprint = reader.fingerprint
+    settings = {**reader.settings, **(fingerprint.get("settings") or {})}
+    precision = settings.get("precision", "fp32")
+    backbone = FrozenBackbone(config, checkpoint, device=device, precision=precision)
+    data = config["data"]
+    with EventFile(input, backbone.hit_fields, backbone.particle_fields, data.get("max_hits")) as event_file:
+        expected = make_fingerprint(
+            checkpoint_sha256=backbone.checkpoint_sha256,
+            backbone_config=backbone_fingerprint_inputs(config),
+            input_hash=event_file.content_hash(),
+            settings=fingerprint.get("settings") or {},
+        )
+        stale, warnings = fingerprint_diff(fingerprint, expected)
+        if stale:
+            raise UserError(f"cache {cache} was not extracted from these inputs: {'; '.join(stale)}")
+        for line in warnings:
+            log.warning("cache %s was extracted with another library version: %s", cache, line)
+
+        report = {"ok": False, "cache": str(cache), "events": [], "batch_sizes": [],
+                  "embed_dtype": reader.embed_dtype, "precision": precision, "warnings": warnings,
+                  "fields": {"fingerprint": {"max_abs": None, "max_rel": None, "tolerance": "equal",
+                                             "ok": True, "detail": "matches checkpoint, config and input"}}}
+        try:
+            reader.verify()
+        except UserError as exc:
+            report["fields"]["checksums"] = {"max_abs": None, "max_rel": None, "tolerance": "crc32c",
+                                             "ok": False, "detail": str(exc)}
+            return report
+        report["fields"]["checksums"] = {"max_abs": None, "max_rel": None, "tolerance": "crc32c", "ok": True,
+                                         "detail": "every file matches its manifest"}
+
+        indices = sample_events(reader.num_events, events, seed)
+        sizes = sorted({min(batch_size, len(indices)), 1}, reverse=True)
+        report["events"], report["batch_sizes"] = indices.tolist(), sizes
+        log.info("verifying %d of %d events of %s live at batch sizes %s", len(indices), reader.num_events,
+                 cache, " and ".join(map(str, sizes)))
+        cached = read_sample(reader, indices)
+        lives = [live_sample(backbone, event_file, indices, size, settings) for size in sizes]
+
+    tol = field_tolerances(reader.embed_dtype, precision)
+    rows = {name: _worst([compare(getattr(cached, name), getattr(live, name), tol[name]) for live in lives])
+            for name in FIELDS}
+
+    with torch.random.fork_rng(devices=[]):
+        head = build_head(config, list(reader.raw_fields), list(reader.particle_fields), seed=seed)
+    head.to(device).eval()  # eval: dropout off, so both sources see the same function
+    head.fit_scaling(cached.targets.to(device), cached.target_valid.to(device))
+    head_rows = [compare_head(head, cached, as_stored(live, reader.embed_dtype), tol["head gradients"], device)
+                 for live in lives]
+    for name in ("head loss", "head gradients"):
+        rows[name] = _worst([r[name] for r in head_rows])
+
+    report["fields"].update(rows)
+    report["ok"] = all(row["ok"] for row in report["fields"].values())
+    return report
+
+
+def failed_fields(report: dict) -> list[str]:
+    """Names of the report's rows beyond tolerance."""
+    return [name for name, row in report["fields"].items() if not row["ok"]]
+
+
+def format_report(report: dict) -> str:
+    """The report as a table: field, worst absolute error, worst relative error, tolerance, status."""
+    def number(x):
+        return "-" if x is None else f"{x:.3g}"
+
+    head = (f"cache {report['cache']}: {len(report['events'])} events, live batch sizes "
+            f"{' and '.join(map(str, report['batch_sizes'])) or '-'}, embeddings {report['embed_dtype']}, "
+            f"forward {report['precision']}")
+    lines = [head, f"{'field':<18} {'max abs err':>12} {'max rel err':>12}  {'tolerance':<24} status"]
+    for name, row in report["fields"].items():
+        status = "OK" if row["ok"] else "FAIL"
+        line = f"{name:<18} {number(row['max_abs']):>12} {number(row['max_rel']):>12}  {row['tolerance']:<24} {status}"
+        if row["detail"] and (not row["ok"] or name.startswith("head grad")):
+            line += f"  {row['detail']}"
+        lines.append(line)
+    lines.append("rel err: worst absolute error over the field's largest live magnitude")
+    return "\n".join(lines)

@@ -1,0 +1,65 @@
+"""`cachefeat sweep`: train a grid of head variants in one pass over the cache (see cachefeat.training.sweep)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cachefeat.cli import example_epilog
+from cachefeat.errors import UserError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="train a grid of regression-head variants in one pass over a cache",
+        description="Train every variant of the config's `sweep` block (a grid and/or a list of overrides of "
+        "head.init_args.{hidden_dim, num_layers, dropout, assignment_threshold} and train.{lr, weight_decay, "
+        "seed}) over the cache in one pass: each batch is read once and feeds every variant. Batch size, "
+        "epochs and event order are shared. Each variant gets RUN_DIR/<variant>/ (head.ckpt, metrics); "
+        "RUN_DIR/sweep.csv, sweep.json and sweep_val_loss.png rank them. Multi-GPU: "
+        "accelerate launch -m cachefeat sweep ...",
+        epilog=example_epilog(
+            "# in the config:",
+            "#   sweep:",
+            "#     metric: val_loss",
+            "#     grid: {head.init_args.hidden_dim: [64, 120], head.init_args.dropout: [0.0, 0.1], "
+            "train.lr: [1.0e-3, 3.0e-3]}",
+            "#     variants: [{name: deep, head.init_args.num_layers: 4}]",
+            "cachefeat sweep --config sweep.yaml --cache train.zarr --val-cache val.zarr --output runs/sweep",
+        ),
+    )
+    p.add_argument("--config", required=True, help="YAML config with a sweep block (and data, model, head, train)")
+    p.add_argument("--cache", required=True, help="training cache (from `cachefeat extract`)")
+    p.add_argument("--val-cache", required=True, help="validation cache")
+    p.add_argument("--output", required=True, help="run directory: one folder per variant, sweep.csv/json/png")
+    p.add_argument("--data", choices=["auto", "memory", "stream"], default="auto",
+                   help="cache access: resident in memory, streamed from disk, or auto (default)")
+    p.add_argument("--max-epochs", type=int, help="override train.epochs (shared by all variants)")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    p.add_argument("--batch-size", type=int, help="override train.batch_size (events per process, shared)")
+    p.add_argument("--allow-stale", action="store_true",
+                   help="train on a cache whose fingerprint does not match (with a warning)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted config override of the base config, e.g. --set train.epochs=5 (repeatable)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from cachefeat.config import load_config
+    from cachefeat.training.sweep import sweep
+
+    config = load_config(args.config, args.set)
+    if "sweep" not in config:
+        raise UserError(f"config {args.config} has no sweep block (see `cachefeat sweep --help`)")
+    for name in ("max_epochs", "batch_size", "max_steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    out = Path(args.output)
+    if (out / "sweep.json").exists():
+        raise UserError(f"{out} already holds a sweep; choose another --output")
+    sweep(config, out, cache=args.cache, val_cache=args.val_cache, max_epochs=args.max_epochs,
+          batch_size=args.batch_size, data_mode=args.data, device=args.device, max_steps=args.max_steps,
+          allow_stale=args.allow_stale)
+    return 0

@@ -1,0 +1,189 @@
+"""Sweeps: variants parsed from the config, the shared pair weights equal the head's own, a variant
+trained in a sweep equals the same variant trained alone by `train(...)`, the command's outputs."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from cachefeat.cli import main
+from cachefeat.errors import UserError
+from cachefeat.model.checkpoint import load_checkpoint
+from cachefeat.training import train as train_module
+from cachefeat.training.sweep import pair_weights, pooled_features, sweep, sweep_variants
+from cachefeat.training.train import build_head, train
+
+
+def _config(muon_config, sweep_block: dict, **train_settings) -> dict:
+    config = copy.deepcopy(muon_config)
+    config["train"].update({"batch_size": 16, "epochs": 2, **train_settings})
+    config["sweep"] = sweep_block
+    return config
+
+
+def test_variants_are_the_grid_then_the_list(muon_config):
+    config = _config(muon_config, {
+        "grid": {"head.init_args.hidden_dim": [64, 120], "train.lr": [1.0e-3, 3.0e-3]},
+        "variants": [{"name": "deep", "head.init_args.num_layers": 4}],
+    })
+    variants = sweep_variants(config)
+    assert [v.name for v in variants] == ["hidden_dim64-lr0.001", "hidden_dim64-lr0.003", "hidden_dim120-lr0.001",
+                                          "hidden_dim120-lr0.003", "deep"]
+    assert [(v.config["head"]["init_args"]["hidden_dim"], v.config["train"]["lr"]) for v in variants] == [
+        (64, 1e-3), (64, 3e-3), (120, 1e-3), (120, 3e-3), (120, 1e-3)]
+    assert variants[4].config["head"]["init_args"]["num_layers"] == 4
+    assert variants[0].config["head"]["init_args"]["num_layers"] == 3
+    assert all("sweep" not in v.config for v in variants)
+    assert config["head"]["init_args"]["hidden_dim"] == 120  # the base config is untouched
+
+
+@pytest.mark.parametrize("block, message", [
+    ({"grid": {"train.batch_size": [8, 16]}}, "cannot be swept"),
+    ({"grid": {"head.init_args.hiden_dim": [8]}}, "did you mean 'head.init_args.hidden_dim'"),
+    ({"grid": {"train.lr": []}}, "non-empty list"),
+    ({"grid": {"head.init_args.hidden_dim": [8.5]}}, "must be an integer"),
+    ({"grid": {"head.init_args.dropout": [1.0]}}, r"in \[0, 1\)"),
+    ({"variants": [{"name": "a", "train.lr": 1e-3}, {"name": "a", "train.lr": 2e-3}]}, "two sweep variants"),
+    ({"variants": [{"name": "x/y"}]}, "must use only"),
+    ({"variants": [{"train.lr": 1e-3}]}, "with a name"),
+    ({}, "defines no variant"),
+    ({"grid": {"train.lr": [1e-3]}, "metrc": "val_loss"}, "unknown key 'sweep.metrc'"),
+])
+def test_bad_sweep_blocks_are_refused(muon_config, block, message):
+    with pytest.raises(UserError, match=message):
+        sweep_variants(_config(muon_config, block))
+
+
+@pytest.mark.parametrize("threshold", [0.1, 0.3])
+def test_shared_pair_weights_give_the_heads_features_bit_for_bit(muon_config, cache32, threshold):
+    """pooled_features(pair_weights) == RegressionHead.features_sparse: values and every gradient."""
+    config = copy.deepcopy(muon_config)
+    config["head"]["init_args"]["assignment_threshold"] = threshold
+    head = build_head(config, list(cache32.raw_fields), list(cache32.particle_fields), seed=5)
+    hb = cache32.load().batch(np.arange(0, 160, 5)).float()
+    weights = torch.linspace(-1, 1, 9 * head.dim)
+    grads = []
+    for z in (head.features_sparse(hb), pooled_features(head, hb, pair_weights(hb, threshold))):
+        head.zero_grad()
+        (z * weights).sum().backward()
+        grads.append((z.detach(), {n: p.grad.clone() for n, p in head.named_parameters() if p.grad is not None}))
+    (z_head, g_head), (z_sweep, g_sweep) = grads
+    assert torch.equal(z_head, z_sweep)
+    assert g_head.keys() == g_sweep.keys() and len(g_head) > 0
+    for name in g_head:
+        assert torch.equal(g_head[name], g_sweep[name]), name
+
+
+def test_each_variant_equals_its_separate_run(muon_config, cache32, val_cache32, tmp_path, monkeypatch):
+    """4 variants of 4 shapes (2 thresholds, another seed), dropout on, across an epoch boundary: the
+    per-step losses, validation history and final weights equal `train(...)` alone, bit for bit."""
+    block = {
+        "grid": {"head.init_args.hidden_dim": [16, 40]},
+        "variants": [
+            {"name": "deep", "head.init_args.num_layers": 4, "head.init_args.assignment_threshold": 0.3,
+             "train.lr": 3.0e-3, "head.init_args.dropout": 0.3},
+            {"name": "seed7", "train.seed": 7, "train.weight_decay": 0.01},
+        ],
+    }
+    config = _config(muon_config, block)
+    config["head"]["init_args"]["dropout"] = 0.2
+    steps = 12  # 160 events / 16 = 10 steps per epoch
+    sweep(config, tmp_path / "sweep", cache=cache32.path, val_cache=val_cache32.path, data_mode="memory",
+          device="cpu", max_steps=steps)
+    report = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+
+    # The sweep's event order comes from the base seed: the separate run of "seed7" must use it too.
+    source = train_module.CacheMemorySource
+    monkeypatch.setattr(train_module, "CacheMemorySource",
+                        lambda reader, batch, seed, *rest: source(reader, batch, config["train"]["seed"], *rest))
+    variants = sweep_variants(config)
+    assert len({(v.value("head.init_args.hidden_dim"), v.value("head.init_args.num_layers"))
+                for v in variants}) == 4
+    for variant in variants:
+        alone = train(variant.config, tmp_path / variant.name, cache=cache32.path, val_cache=val_cache32.path,
+                      data_mode="memory", device="cpu", max_steps=steps)
+        swept = report["variants"][variant.name]
+        assert len(alone["step_losses"]) == steps
+        assert swept["step_losses"] == alone["step_losses"], variant.name
+        history = json.loads((tmp_path / variant.name / "metrics.json").read_text())
+        assert [h["val_loss"] for h in swept["history"]] == [h["val_loss"] for h in history]
+        a = load_checkpoint(tmp_path / variant.name / "head.ckpt")
+        b = load_checkpoint(tmp_path / "sweep" / variant.name / "head.ckpt")
+        assert a["head_config"] == b["head_config"]
+        assert a["state_dict"].keys() == b["state_dict"].keys()
+        for name in a["state_dict"]:
+            assert torch.equal(a["state_dict"][name], b["state_dict"][name]), (variant.name, name)
+
+
+def test_command_writes_ranked_results(muon_config, cache32, val_cache32, tmp_path, capsys):
+    config = _config(muon_config, {"metric": "val_loss",
+                                   "grid": {"train.lr": [3.0e-4, 3.0e-3], "head.init_args.hidden_dim": [16]},
+                                   "variants": [{"name": "narrow", "head.init_args.hidden_dim": 8}]}, epochs=2)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))  # the grid's key order names the variants
+    out = tmp_path / "run"
+    args = ["sweep", "--config", str(path), "--cache", str(cache32.path), "--val-cache", str(val_cache32.path),
+            "--output", str(out), "--batch-size", "32", "--device", "cpu"]
+    assert main(args) == 0
+    stdout = capsys.readouterr().out
+    names = ["lr0.0003-hidden_dim16", "lr0.003-hidden_dim16", "narrow"]
+    for name in names:
+        assert name in stdout
+        assert {"head.ckpt", "metrics.json", "metrics.csv", "config.json"} <= {p.name for p in (out / name).iterdir()}
+    report = json.loads((out / "sweep.json").read_text())
+    best = {name: min(h["val_loss"] for h in report["variants"][name]["history"]) for name in names}
+    assert [r["variant"] for r in report["rows"]] == sorted(names, key=best.get)
+    with open(out / "sweep.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["variant"] for r in rows] == sorted(names, key=best.get)
+    assert [float(r["best_val_loss"]) for r in rows] == pytest.approx(sorted(best.values()))
+    assert {"lr", "hidden_dim", "val_pt_rel_res", "val_eta_rmse", "val_phi_rmse", "val_q_accuracy", "epochs",
+            "train_s"} <= set(rows[0])
+    assert all(r["epochs"] == "2" for r in rows)
+    assert (out / "sweep_val_loss.png").stat().st_size > 1000
+    assert main(args) == 2  # the output already holds a sweep
+
+
+def test_bad_input_exits_2_with_one_line(muon_config, cache32, val_cache32, tmp_path, capsys):
+    cases = [({"variants": [{"name": "low", "head.init_args.assignment_threshold": 0.05}]}, "below the cache floor"),
+             ({"metric": "val_nothing", "grid": {"train.lr": [1e-3]}}, "not a validation metric")]
+    for i, (block, message) in enumerate(cases):
+        path = tmp_path / f"bad{i}.yaml"
+        path.write_text(yaml.safe_dump(_config(muon_config, block)))
+        code = main(["sweep", "--config", str(path), "--cache", str(cache32.path), "--val-cache",
+                     str(val_cache32.path), "--output", str(tmp_path / f"run{i}"), "--device", "cpu"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2
+        assert message in err[-1] and err[-1].startswith("cachefeat sweep: error:")
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_with_the_same_global_batch(muon_config, cache32, val_cache32, tmp_path):
+    """torchrun with 2 CPU processes (gloo), batch 8 each: each variant == `train` in 1 process, batch 16."""
+    config = _config(muon_config, {"grid": {"head.init_args.hidden_dim": [16, 40]}}, epochs=1)
+    config["head"]["init_args"]["dropout"] = 0.0
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cachefeat",
+         "sweep", "--config", str(path), "--cache", str(cache32.path), "--val-cache", str(val_cache32.path),
+         "--output", str(tmp_path / "two"), "--batch-size", "8", "--max-steps", "6", "--data", "memory"],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    for variant in sweep_variants(config):
+        train(variant.config, tmp_path / variant.name, cache=cache32.path, val_cache=val_cache32.path,
+              data_mode="memory", device="cpu", batch_size=16, max_steps=6)
+        a = load_checkpoint(tmp_path / variant.name / "head.ckpt")["state_dict"]
+        b = load_checkpoint(tmp_path / "two" / variant.name / "head.ckpt")["state_dict"]
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
