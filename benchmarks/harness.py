@@ -11,8 +11,8 @@ starts `python benchmarks/harness.py worker ...` (the training mode, STEPS optim
 prints one JSON line with the child's `ru_maxrss` (RUSAGE_CHILDREN; this process has no other child).
 
 Environment: CACHEFEAT_BENCH_DEVICE (cpu | cuda, default cpu), CACHEFEAT_BENCH_SCALE (multiplies
-the event counts, default 1), CACHEFEAT_BENCH_BATCH (training batch size; default 64 on cpu, the
-config's train.batch_size on cuda), CACHEFEAT_BENCH_THREADS (torch intra-op threads; default 1 on
+the event counts, default 1), CACHEFEAT_BENCH_BATCH (training batch size; default the config's
+train.batch_size), CACHEFEAT_BENCH_THREADS (torch intra-op threads; default 1 on
 cpu, 0 = torch's default on cuda), CACHEFEAT_BENCH_RESULTS (results folder, default
 benchmarks/results), CACHEFEAT_BENCH_DATA (data folder, default benchmarks/.data).
 """
@@ -66,8 +66,9 @@ log = logging.getLogger("cachefeat.benchmarks")
 class BenchSettings:
     """What one benchmark set runs on (event counts in events).
 
-    `slow_steps` / `joint_steps`: optimizer steps per timed round of the live frozen modes and of
-    joint training; cached modes time one epoch (`n_train // batch_size` steps, at least 8) per round.
+    `joint_steps` / `live_steps`: optimizer steps per timed round of joint training and of the live
+    frozen modes; cached modes time one epoch (`n_train // batch_size` steps, at least 8) per round.
+    `*_rounds`: timed rounds (after one warm-up round); `timing_rounds` for extraction and forward.
     `threads`: torch intra-op threads of every measured process (0: torch's default). Extraction
     and caches use the config's `extract` options (block size included).
     """
@@ -83,10 +84,12 @@ class BenchSettings:
     seed: int
     device: str
     threads: int
-    slow_steps: int
     joint_steps: int
-    slow_rounds: int
-    fast_rounds: int
+    joint_rounds: int
+    live_steps: int
+    live_rounds: int
+    cached_rounds: int
+    timing_rounds: int
     rss_steps: int
     target_val_loss: float
     max_epochs: int
@@ -114,10 +117,10 @@ class BenchSettings:
     def plan(self, mode: str) -> tuple[int, int]:
         """(optimizer steps per timed round, rounds) of a training mode."""
         if mode == "joint":
-            return self.joint_steps, self.slow_rounds
+            return self.joint_steps, self.joint_rounds
         if mode.startswith("live"):
-            return self.slow_steps, self.slow_rounds
-        return self.epoch_steps, self.fast_rounds
+            return self.live_steps, self.live_rounds
+        return self.epoch_steps, self.cached_rounds
 
 
 def _file_sha256(path: Path) -> str:
@@ -138,33 +141,30 @@ def settings_from_env(name: str = "muon") -> BenchSettings:
     gpu = device == "cuda"
     if name == "muon":
         base = dict(config="configs/muon.yaml", checkpoint="data/muon_stage1.ckpt", preset="muon",
-                    n_train=1024, n_val=256, n_extract=256, default_batch=64, target_val_loss=0.26,
-                    max_epochs=10)
+                    n_train=2048, n_val=256, n_extract=512, target_val_loss=0.26, max_epochs=10)
     elif name == "trackml":
         checkpoint = os.environ.get("CACHEFEAT_BENCH_TRACKML_CHECKPOINT", "")
         base = dict(config="configs/trackml.yaml", checkpoint=checkpoint, preset="trackml",
-                    n_train=16, n_val=4, n_extract=4, default_batch=2, target_val_loss=0.5, max_epochs=5)
+                    n_train=32, n_val=8, n_extract=8, target_val_loss=0.5, max_epochs=5)
     else:
         raise UserError(f"unknown benchmark set {name!r} (muon or trackml)")
-    config_batch = None
-    if gpu:
-        from cachefeat.config import load_config
+    from cachefeat.config import load_config
 
-        config_batch = (load_config(ROOT / base["config"]).get("train") or {}).get("batch_size")
+    config_batch = (load_config(ROOT / base["config"]).get("train") or {}).get("batch_size", 256)
     try:
-        batch = int(os.environ.get("CACHEFEAT_BENCH_BATCH") or config_batch or base["default_batch"])
+        batch = int(os.environ.get("CACHEFEAT_BENCH_BATCH") or config_batch)
         threads = int(os.environ.get("CACHEFEAT_BENCH_THREADS") or (0 if gpu else 1))
     except ValueError:
         raise UserError("CACHEFEAT_BENCH_BATCH and CACHEFEAT_BENCH_THREADS must be integers") from None
     if scale <= 0 or batch < 1 or threads < 0:
         raise UserError("CACHEFEAT_BENCH_SCALE must be > 0, CACHEFEAT_BENCH_BATCH >= 1, CACHEFEAT_BENCH_THREADS >= 0")
-    n_train = max(round(base["n_train"] * scale), batch)
     return BenchSettings(
         name=name, config=base["config"], checkpoint=base["checkpoint"], preset=base["preset"],
-        n_train=n_train, n_val=max(round(base["n_val"] * scale), 1),
+        n_train=max(round(base["n_train"] * scale), batch), n_val=max(round(base["n_val"] * scale), 1),
         n_extract=max(round(base["n_extract"] * scale), 1), batch_size=batch, seed=1, device=device,
-        threads=threads, slow_steps=8 if gpu else 2, joint_steps=4 if gpu else 1, slow_rounds=3,
-        fast_rounds=5, rss_steps=2, target_val_loss=base["target_val_loss"], max_epochs=base["max_epochs"],
+        threads=threads, joint_steps=4 if gpu else 1, joint_rounds=3, live_steps=8 if gpu else 1, live_rounds=5,
+        cached_rounds=5, timing_rounds=5, rss_steps=1, target_val_loss=base["target_val_loss"],
+        max_epochs=base["max_epochs"],
     )
 
 
@@ -463,14 +463,15 @@ def frozen_forward(settings: BenchSettings, data: BenchData):
 
 
 def extraction(settings: BenchSettings, data: BenchData, output: Path):
-    """A callable extracting `data.extract_input` (float32 cache, the config's options) into `output`."""
+    """A callable extracting `data.extract_input` (float32 cache, the config's options) into `output`,
+    which must not exist when it is called."""
     from cachefeat.cache.extract import extract
 
     config = settings.load_config()
 
     def run() -> dict:
-        return extract(config, ROOT / settings.checkpoint, data.extract_input, output, mode="overwrite",
-                       dtype="float32", device=settings.device, progress=False)
+        return extract(config, ROOT / settings.checkpoint, data.extract_input, output, dtype="float32",
+                       device=settings.device, progress=False)
 
     return run
 
@@ -666,7 +667,8 @@ def markdown(s: dict) -> str:
         f"# cachefeat benchmarks ({st.get('name', '?')})",
         "",
         f"{m.get('device_name', '?')} ({m.get('device', '?')}); {m.get('cores', '?')} cores, "
-        f"torch {m.get('torch', '?')}, zarr {m.get('zarr', '?')}; load average "
+        f"{m.get('torch_threads', '?')} torch thread(s), torch {m.get('torch', '?')}, zarr {m.get('zarr', '?')}; "
+        "load average "
         f"{_fmt(m.get('load_average_1min'))} at the start. {st.get('n_train', '?')} training events, "
         f"batch size {st.get('batch_size', '?')}. Throughputs are medians of timed rounds after a warm-up "
         "round (see `rounds`).",
@@ -686,6 +688,7 @@ def markdown(s: dict) -> str:
     for name, t in (s.get("targets") or {}).items():
         lines.append(f"| {name} | {_fmt(t['value'])} | {t['target']} | {_fmt(t['met'])} |")
     bpe = s.get("cache_bytes_per_event") or {}
+    read_bytes = s.get("cache_read_bytes") or {}
     lines += [
         "", "## Extraction, cache size and reads", "",
         "| measure | value |", "|---|---:|",
@@ -696,6 +699,7 @@ def markdown(s: dict) -> str:
         f"| dense float32 bytes per event | {_fmt(s.get('dense_bytes_per_event'))} |",
         *(f"| cache / dense ({d}) | {_fmt(v)} |" for d, v in (s.get("cache_over_dense") or {}).items()),
         *(f"| compression ratio ({d}) | {_fmt(v)} |" for d, v in (s.get("compression_ratio") or {}).items()),
+        f"| MB decoded by one full read (float32) | {_fmt(_ratio(read_bytes.get('float32'), 1e6))} |",
         f"| cache read, decoded (GB/s) | {_fmt(s.get('cache_read_gbps'))} |",
         f"| memcpy, same bytes (GB/s) | {_fmt(s.get('memcpy_gbps'))} |",
         f"| cache read / memcpy | {_fmt(s.get('cache_read_vs_memcpy'))} |",
@@ -704,6 +708,9 @@ def markdown(s: dict) -> str:
     ]
     if s.get("rss_idle_mb") is not None:
         lines.append(f"| (python + torch + cachefeat imported, nothing run) | {_fmt(s['rss_idle_mb'])} |")
+    if s.get("peak_cuda_mb"):
+        lines += ["", "Peak CUDA memory allocated (MB): " + ", ".join(
+            f"{MODE_LABELS.get(k, k)} {_fmt(v)}" for k, v in s["peak_cuda_mb"].items()) + "."]
     t = s.get("time_to_target") or {}
     lines += [
         "", "## Time to a fixed validation loss", "",
@@ -723,7 +730,7 @@ def markdown(s: dict) -> str:
     known = set(REQUIRED_KEYS) | {"settings", "targets", "missing", "time_to_target", "train_plan", "rss_idle_mb",
                                   "cache_over_dense", "compression_ratio", "cache_read_vs_memcpy", "data",
                                   "speedup_cached_memory_vs_live_frozen_sparse", "session_wall_s",
-                                  "cache_read_gbps_by_dtype"}
+                                  "cache_read_gbps_by_dtype", "cache_read_bytes", "peak_cuda_mb"}
     extra = {k: v for k, v in s.items() if k not in known}
     if extra:
         lines += ["", "## Other results", ""]
@@ -754,7 +761,7 @@ def plot_throughput(s: dict, path: Path) -> None:
     for bar, value in zip(bars, values):
         label = f"{value:,.0f} ev/s" if value >= 10 else f"{value:.2g} ev/s"
         if live:
-            label += f"  ({value / live:.3g}× live frozen)"
+            label += f"  ({value / live:.3g}× live frozen dense)"
         ax.text(value * 1.1, bar.get_y() + bar.get_height() / 2, label, va="center", fontsize=9)
     m, st = s.get("machine") or {}, s.get("settings") or {}
     ax.set_xlabel("training throughput, events/s (log scale)")

@@ -15,14 +15,22 @@ Tolerances (element-wise |cached - live| <= rtol * |live| + atol * max|live of t
   pure rtol cannot express float32 rounding here.
 - float16 / bfloat16 embeddings: one unit in the last place of the storage dtype on top
   (rtol 2^-10 resp. 2^-7). Logits are stored as float32 whatever the embedding dtype.
-- head loss and gradients: rtol 1e-5, atol 1e-6 of each parameter gradient's largest
-  magnitude. For float16/bfloat16 caches the live reference has its embeddings rounded to the
-  storage dtype, as extraction stores them, and atol grows by 4 storage ulps: a live value that
-  sits on a rounding boundary may round the other way (measured worst: 1.1 unit roundoffs of
-  the largest gradient, float16, 64 events). The rounding itself moves the gradients by up to
-  ~8 unit roundoffs of their norm (measured), which is the documented price of the dtype.
-- caches extracted under bf16 autocast (`precision: bf16`): every float field gets 2^-5 of its
-  magnitude on top, since the live forward runs in bfloat16 too.
+- head loss: rtol 1e-5; head gradients: the 2-norm of the difference over all parameters
+  within 1e-5 of the gradient's 2-norm. Element-wise checks do not hold: where a ReLU input or
+  a max/min pool sits within rounding of a tie, the two sources take different branches and a
+  gradient element moves by a whole term (measured on an H100: 7.3e-5 of a parameter's largest
+  gradient, at 2.1e-6 in the norm; 18 samples of 256 events at batch sizes 64, 7 and 1). For
+  float16/bfloat16 caches the live reference has its embeddings rounded to the storage dtype,
+  as extraction stores them, and the rtol grows by one storage ulp (live values on a rounding
+  boundary may round the other way; measured: 0.03 unit roundoffs, float16). The rounding itself
+  moves the gradients by up to ~8 unit roundoffs of their norm (measured), the documented price
+  of the dtype.
+- caches extracted under bf16 autocast (`precision: bf16`): every float field gets 2^-4 of its
+  magnitude on top (and the head's rtol too), since the live forward runs in bfloat16 as well
+  (measured on 20 muon events, CPU: pair logits 1.6e-2 of their magnitude apart).
+
+A pair whose probability lies within rounding of the floor, or a hit on the decoder's mask
+threshold, can differ between batch compositions; verify then reports the shapes that differ.
 """
 
 from __future__ import annotations
@@ -49,11 +57,9 @@ FIELDS = EXACT_FIELDS + EMBED_FIELDS + LOGIT_FIELDS
 
 F32_RTOL = 1e-5
 F32_ATOL = 5e-5  # of the field's largest magnitude
-HEAD_RTOL = 1e-5
-HEAD_ATOL = 1e-6  # of each gradient's largest magnitude
+HEAD_RTOL = 1e-5  # loss; gradients in the 2-norm over all parameters
 STORAGE_ULP = {"float32": 0.0, "float16": 2.0**-10, "bfloat16": 2.0**-7}
-BF16_FORWARD_ATOL = 2.0**-5  # extra, of the field's magnitude, when the cache was extracted under bf16 autocast
-HEAD_FLIP_ULPS = 4
+BF16_FORWARD_ATOL = 2.0**-4  # extra, of the field's magnitude, when the cache was extracted under bf16 autocast
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +72,8 @@ class Tolerance:
     def __str__(self) -> str:
         if self.rtol == 0 and self.atol == 0:
             return "exact"
+        if self.atol == 0:
+            return f"rtol {self.rtol:.2g}"
         return f"rtol {self.rtol:.2g} + {self.atol:.2g}*max"
 
 
@@ -78,7 +86,7 @@ def field_tolerances(embed_dtype: str, precision: str = "fp32") -> dict[str, Tol
     tol = {name: Tolerance() for name in EXACT_FIELDS}
     tol.update({name: Tolerance(F32_RTOL + ulp, F32_ATOL + ulp + forward) for name in EMBED_FIELDS})
     tol.update({name: Tolerance(F32_RTOL, F32_ATOL + forward) for name in LOGIT_FIELDS})
-    head = Tolerance(HEAD_RTOL, HEAD_ATOL + HEAD_FLIP_ULPS * ulp + forward)
+    head = Tolerance(HEAD_RTOL + ulp + forward)
     tol["head loss"] = head
     tol["head gradients"] = head
     return tol
@@ -172,14 +180,20 @@ def head_loss_and_grads(head, hb: HeadBatch, device) -> tuple[torch.Tensor, dict
 
 
 def compare_head(head, cached: HeadBatch, live: HeadBatch, tol: Tolerance, device) -> dict[str, dict]:
-    """Rows "head loss" and "head gradients" (worst parameter, named in `detail`)."""
+    """Rows "head loss" (element-wise rule) and "head gradients": max_abs over every gradient
+    element, max_rel = |g_cached - g_live|_2 / |g_live|_2 over all parameters, ok when that is
+    within `tol.rtol`; `detail` names the parameter with the largest share of the difference."""
     loss_c, grads_c = head_loss_and_grads(head, cached, device)
     loss_l, grads_l = head_loss_and_grads(head, live, device)
-    rows = {name: compare(grads_c[name], grads_l[name], tol) for name in grads_l}
-    failed = [name for name, row in rows.items() if not row["ok"]]
-    worst = failed[0] if failed else max(rows, key=lambda n: rows[n]["max_rel"])
-    grad_row = dict(rows[worst])
-    grad_row["detail"] = f"{worst} {grad_row['detail']}".strip()
+    names = list(grads_l)
+    diff = {name: (grads_c[name].double() - grads_l[name].double()).flatten() for name in names}
+    err = float(torch.cat(list(diff.values())).norm())
+    ref = float(torch.cat([grads_l[name].double().flatten() for name in names]).norm())
+    rel = err / ref if ref > 0 else (0.0 if err == 0 else math.inf)
+    worst = max(names, key=lambda name: float(diff[name].norm()))
+    grad_row = {"max_abs": max(float(d.abs().max()) if d.numel() else 0.0 for d in diff.values()),
+                "max_rel": rel, "tolerance": f"rtol {tol.rtol:.2g} (2-norm)", "ok": err <= tol.rtol * ref,
+                "detail": f"largest share: {worst}"}
     return {"head loss": compare(loss_c, loss_l, tol), "head gradients": grad_row}
 
 
@@ -303,5 +317,6 @@ def format_report(report: dict) -> str:
         if row["detail"] and (not row["ok"] or name.startswith("head grad")):
             line += f"  {row['detail']}"
         lines.append(line)
-    lines.append("rel err: worst absolute error over the field's largest live magnitude")
+    lines.append("rel err: worst absolute error over the field's largest live magnitude; "
+                 "head gradients: error in the 2-norm over all parameters")
     return "\n".join(lines)

@@ -50,6 +50,10 @@ def run(args) -> int:
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.device(device)
+    except RuntimeError as exc:
+        raise UserError(f"--device {device!r} is not a torch device ({exc})") from exc
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
     config = load_config(args.config, args.set, require=("data", "model", "head"))
@@ -59,6 +63,6 @@ def run(args) -> int:
     failed = failed_fields(report)
     if failed:
         details = "; ".join(f"{name}: {report['fields'][name]['detail']}" for name in failed)
-        print(f"cachefeat verify: beyond tolerance: {', '.join(failed)} ({details})", file=sys.stderr)
+        print(f"cachefeat verify: failed: {', '.join(failed)} ({details})", file=sys.stderr)
         return 1
     return 0

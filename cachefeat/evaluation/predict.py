@@ -52,6 +52,8 @@ def load_head(path, device="cpu"):
     from cachefeat.head.regression import RegressionHead
     from cachefeat.model.checkpoint import load_checkpoint, load_model_state
 
+    if not Path(path).is_file():
+        raise UserError(f"head checkpoint not found: {path}")
     ckpt = load_checkpoint(path)
     if "head_config" not in ckpt:
         raise UserError(f"{path} is not a head checkpoint (no head_config); pass the head.ckpt that "

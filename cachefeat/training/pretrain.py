@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from cachefeat.config import instantiate, section
 from cachefeat.data.events import EventFile, bucketed_batches
+from cachefeat.evaluation.metrics import regression_metrics
 from cachefeat.head.inputs import from_model_outputs
 from cachefeat.model.checkpoint import save_checkpoint
 from cachefeat.model.layers import count_parameters
@@ -113,14 +114,25 @@ def validate(step: Stage1Step, events: EventFile, batch_size: int, accelerator) 
     totals: dict[str, float] = {}
     loss_sum, n_batches = 0.0, 0
     module = accelerator.unwrap_model(step)
+    preds: dict[str, list] = {}
+    trues: dict[str, list] = {}
     for idx in batches:
         batch = _to(events.read(idx), accelerator.device)
         loss, outputs, _ = module(batch)
-        counts = event_metrics(outputs, batch, module.backbone.match(outputs, batch))
+        target_index = module.backbone.match(outputs, batch)
+        counts = event_metrics(outputs, batch, target_index)
         for key, value in counts.items():
             totals[key] = totals.get(key, 0.0) + float(np.sum(value))
         loss_sum += float(loss)
         n_batches += 1
+        if module.head is not None:  # joint: the head's resolutions, as phase 2 reports them
+            hb = from_model_outputs(outputs, batch, target_index, module.head.assignment_threshold,
+                                    module.raw_fields, module.particle_fields)
+            valid = hb.target_valid
+            for key, value in module.head.decode(module.head(hb)[valid]).items():
+                preds.setdefault(key, []).append(value.cpu().numpy())
+                column = module.particle_fields.index(key)
+                trues.setdefault(key, []).append(hb.targets[valid][:, column].cpu().numpy())
     keys = sorted(totals) or ["n_particles"]
     local = torch.tensor([totals.get(k, 0.0) for k in keys] + [loss_sum, n_batches],
                          dtype=torch.float64, device=accelerator.device)
@@ -128,6 +140,10 @@ def validate(step: Stage1Step, events: EventFile, batch_size: int, accelerator) 
     summed = summed.cpu().numpy()
     metrics = summarize({k: np.array([summed[i]]) for i, k in enumerate(keys)})
     metrics["val_loss"] = float(summed[-2] / max(summed[-1], 1))
+    if preds:
+        head_metrics = regression_metrics({k: np.concatenate(v) for k, v in preds.items()},
+                                          {k: np.concatenate(v) for k, v in trues.items()})
+        metrics.update({f"val_{k}": v for k, v in head_metrics.items()})
     step.train()
     return metrics
 

@@ -281,8 +281,9 @@ def sweep(config: dict, run_dir, *, cache, val_cache, max_epochs: int | None = N
     """Train every variant of the config's sweep block over the cache in one pass; returns the result rows.
 
     Rows (best first by sweep.metric) hold the variant's name, its swept values, the best value
-    of the metric and its epoch, the best val loss, the resolutions at the best epoch, epochs
-    and steps done and train_s (host seconds in the variant's own steps and evaluation).
+    of the metric and its epoch, the best val loss, the resolution of each target at the best
+    epoch (the 68% half-width: relative for pt; charge accuracy for q), epochs and steps done
+    and train_s (host seconds in the variant's own steps and evaluation).
     max_steps stops after that many optimizer steps (tests). Other arguments as `train(...)`.
     """
     from cachefeat.cache.reader import CacheReader
@@ -292,10 +293,8 @@ def sweep(config: dict, run_dir, *, cache, val_cache, max_epochs: int | None = N
     from cachefeat.training.train import (
         DEFAULTS,
         SCALING_EVENTS,
-        _global_mean_loss,
         _save_head,
         _validation_batches,
-        build_head,
         check_cache,
         evaluate_batches,
     )
@@ -321,8 +320,6 @@ def sweep(config: dict, run_dir, *, cache, val_cache, max_epochs: int | None = N
     check_cache(reader, config, checkpoint_sha256=None, input_hash=None, allow_stale=allow_stale, what="cache")
     check_cache(val_reader, config, checkpoint_sha256=reader.fingerprint.get("checkpoint_sha256"),
                 input_hash=None, allow_stale=allow_stale, what="validation cache")
-    raw_fields, particle_fields = list(reader.raw_fields), list(reader.particle_fields)
-    floor = float(reader.settings.get("floor", 0.0))
     if data_mode == "auto":
         data_mode = "memory" if cache_fits_memory(reader, settings["memory_budget_mb"]) else "stream"
     if data_mode == "memory":
@@ -343,32 +340,17 @@ def sweep(config: dict, run_dir, *, cache, val_cache, max_epochs: int | None = N
     first = reader.read_events(0, min(reader.num_events, SCALING_EVENTS))
     frozen = {f"frozen_{k}": v for k, v in summarize(reader.metrics()).items()}
 
-    runs: list[_Run] = []
-    for variant in variants:
-        own = section(variant.config, "train", DEFAULTS)
-        head = build_head(variant.config, raw_fields, particle_fields, seed=own["seed"])
-        if head.impl != "sparse":
-            raise UserError("sweep trains the sparse head: set head.init_args.impl to sparse")
-        if head.assignment_threshold < floor:
-            raise UserError(f"variant {variant.name}: head.assignment_threshold {head.assignment_threshold} is "
-                            f"below the cache floor {floor}: pairs between them were not stored")
-        head.fit_scaling(first.targets, first.target_valid)
-        optimizer = torch.optim.AdamW(head.parameters(), lr=own["lr"], weight_decay=own["weight_decay"])
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=own["lr"],
-                                                        total_steps=max(total_steps, 1) + 1)
-        model, optimizer, scheduler = accelerator.prepare(VariantHead(head), optimizer, scheduler)
-        runs.append(_Run(variant, head, model, optimizer, scheduler, RngStream(own["seed"], accelerator.device),
-                         run_dir / variant.name))
+    runs = [_build_run(variant, reader, first, total_steps, accelerator, run_dir) for variant in variants]
     del first
+    metrics = evaluate_batches(runs[0].model, val_batches[:1], accelerator)  # which val_ metrics exist
+    if sweep_conf["metric"] not in metrics:
+        raise UserError(f"sweep.metric {sweep_conf['metric']!r} is not a validation metric; choose one of "
+                        f"{', '.join(k for k in metrics if k.startswith('val_'))}")
     if accelerator.is_main_process:
         for run in runs:
             run.run_dir.mkdir(parents=True, exist_ok=True)
             (run.run_dir / "config.json").write_text(json.dumps(run.variant.config, indent=1, default=str))
     thresholds = sorted({run.head.assignment_threshold for run in runs})
-    metrics = evaluate_batches(runs[0].model, val_batches[:1], accelerator)  # which val_ metrics exist
-    if sweep_conf["metric"] not in metrics:
-        raise UserError(f"sweep.metric {sweep_conf['metric']!r} is not a validation metric; choose one of "
-                        f"{', '.join(k for k in metrics if k.startswith('val_'))}")
     accelerator.print(f"sweep: {len(runs)} variants over {reader.num_events:,} training events "
                       f"({data_mode}), {len(thresholds)} assignment threshold(s)")
 
@@ -384,23 +366,7 @@ def sweep(config: dict, run_dir, *, cache, val_cache, max_epochs: int | None = N
                    disable=not accelerator.is_local_main_process)
         for hb in source.batches(epoch):
             hb = hb.to(accelerator.device).float()
-            pairs = {tau: pair_weights(hb, tau) for tau in thresholds}
-            losses = []
-            with accelerator.accumulate(*[run.model for run in runs]):
-                for run in runs:
-                    t0 = time.perf_counter()
-                    with run.rng.active():
-                        pred = run.model(hb, pairs[run.head.assignment_threshold])
-                    loss = _global_mean_loss(run.head.loss(pred, hb), hb, accelerator)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and settings["grad_clip"]:
-                        accelerator.clip_grad_norm_(run.model.parameters(), settings["grad_clip"])
-                    run.optimizer.step()
-                    run.scheduler.step()
-                    run.optimizer.zero_grad(set_to_none=True)
-                    losses.append(loss.detach())
-                    run.seconds += time.perf_counter() - t0
-            step_losses = accelerator.gather(torch.stack(losses)[None]).mean(0).tolist()
+            step_losses = _train_step(runs, hb, thresholds, accelerator, settings["grad_clip"])
             for i, (run, value) in enumerate(zip(runs, step_losses)):
                 run.step_losses.append(value)
                 loss_sums[i] += value
@@ -426,7 +392,7 @@ def sweep(config: dict, run_dir, *, cache, val_cache, max_epochs: int | None = N
                     "events_per_s": n_events / max(elapsed, 1e-9), "lr": run.scheduler.get_last_lr()[0],
                     **val, **frozen}
             run.history.append(last)
-            accelerator.print(f"epoch {epoch} {run.variant.name}: train {last['train_loss']:.4f} "
+            accelerator.print(f"epoch {epoch + int(done)} {run.variant.name}: train {last['train_loss']:.4f} "
                               f"val {last['val_loss']:.4f}")
             MetricsLog(run.run_dir, accelerator.is_main_process).write(run.history)
             if accelerator.is_main_process:
@@ -441,6 +407,50 @@ def sweep(config: dict, run_dir, *, cache, val_cache, max_epochs: int | None = N
                       f"{run_dir / 'sweep.csv'}, sweep.json, sweep_val_loss.png")
     accelerator.end_training()
     return rows
+
+
+def _build_run(variant: Variant, reader, first: HeadBatch, total_steps: int, accelerator, run_dir: Path) -> _Run:
+    """A variant's head, optimizer and schedule, built and prepared exactly as `train(...)` does."""
+    from cachefeat.training.train import DEFAULTS, build_head
+
+    own = section(variant.config, "train", DEFAULTS)
+    head = build_head(variant.config, list(reader.raw_fields), list(reader.particle_fields), seed=own["seed"])
+    if head.impl != "sparse":
+        raise UserError("sweep trains the sparse head: set head.init_args.impl to sparse")
+    floor = float(reader.settings.get("floor", 0.0))
+    if head.assignment_threshold < floor:
+        raise UserError(f"variant {variant.name}: head.assignment_threshold {head.assignment_threshold} is "
+                        f"below the cache floor {floor}: pairs between them were not stored")
+    head.fit_scaling(first.targets, first.target_valid)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=own["lr"], weight_decay=own["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=own["lr"], total_steps=max(total_steps, 1) + 1)
+    model, optimizer = accelerator.prepare(VariantHead(head), optimizer)  # the scheduler stays out, as in train
+    return _Run(variant, head, model, optimizer, scheduler, RngStream(own["seed"], accelerator.device),
+                Path(run_dir) / variant.name)
+
+
+def _train_step(runs: list[_Run], hb: HeadBatch, thresholds: list[float], accelerator, grad_clip: float) -> list:
+    """One optimizer step of every variant on the batch `hb`; returns their losses (mean over ranks)."""
+    from cachefeat.training.train import _global_mean_loss
+
+    pairs = {tau: pair_weights(hb, tau) for tau in thresholds}
+    losses = []
+    with accelerator.accumulate(*[run.model for run in runs]):
+        for run in runs:
+            start = time.perf_counter()
+            with run.rng.active():
+                pred = run.model(hb, pairs[run.head.assignment_threshold])
+            loss = _global_mean_loss(run.head.loss(pred, hb), hb, accelerator)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and grad_clip:
+                accelerator.clip_grad_norm_(run.model.parameters(), grad_clip)
+            run.optimizer.step()
+            if accelerator.sync_gradients:
+                run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+            run.seconds += time.perf_counter() - start
+    return accelerator.gather(torch.stack(losses)[None]).mean(0).tolist()
 
 
 def results_table(runs: list[_Run], settings: dict) -> list[dict]:
@@ -458,7 +468,8 @@ def results_table(runs: list[_Run], settings: dict) -> list[dict]:
         row["best_epoch"] = history[best]["epoch"]
         row["best_val_loss"] = min(h["val_loss"] for h in history)
         for target in run.head.target_fields:
-            for key in (f"val_{target}_rel_res", f"val_{target}_accuracy", f"val_{target}_rmse"):
+            for suffix in ("rel_res68", "accuracy", "res68", "rmse"):
+                key = f"val_{target}_{suffix}"
                 if key in history[best]:
                     row[key] = history[best][key]
                     break
@@ -511,12 +522,14 @@ def plot_val_loss(runs: list[_Run], path: Path) -> None:
         return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
     for run in runs:
         epochs = range(1, len(run.history) + 1)
         ax.plot(epochs, [h["val_loss"] for h in run.history], marker="o", markersize=3, label=run.variant.name)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     ax.set_ylabel("validation loss")
     ax.set_title(f"sweep: {len(runs)} variants")
     ax.grid(alpha=0.3)

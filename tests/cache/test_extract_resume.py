@@ -94,7 +94,7 @@ def test_sigkill_then_resume_gives_the_same_cache(ref, cache, config_file, check
     assert_committed_blocks_intact(out)
 
     kill_when([*args, "--resume"], lambda: len(committed_blocks(out)) >= 2)
-    assert len(committed_blocks(out)) == 2
+    assert len(committed_blocks(out)) >= 2  # 3 if the kill came after the last commit, before finalize
     assert_committed_blocks_intact(out)
 
     assert main(["extract", *args, "--resume"]) == 0

@@ -1,0 +1,76 @@
+"""A K = 8 sweep in one pass against 8 separate cached runs and 8 separate live frozen runs.
+
+All runs use the benchmark's training and validation events, the same epochs (EPOCHS) and batch
+size, through the production entry points (`sweep(...)`, `train(...)`), in memory. The grid is
+the one of the issue: hidden_dim {64, 120} x dropout {0.0, 0.1} x lr {1e-3, 3e-3}.
+
+Summary keys: `sweep_k8_vs_separate` = time(8 separate cached runs) / time(sweep) and
+`sweep_k8_vs_live` = time(8 live frozen runs) / time(sweep), with medians over ROUNDS rounds
+(sweep and separate runs alternate within a round). The live time is ONE live frozen run of the
+first variant, timed once and multiplied by 8 (all variants cost the same backbone forward).
+`sweep` holds the times and notes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import time
+
+from harness import ROOT
+
+from cachefeat.training.sweep import sweep, sweep_variants
+from cachefeat.training.train import train
+
+EPOCHS = 2
+ROUNDS = 3
+GRID = {"head.init_args.hidden_dim": [64, 120], "head.init_args.dropout": [0.0, 0.1], "train.lr": [1.0e-3, 3.0e-3]}
+
+
+def _timed(fn, *args, **kwargs) -> float:
+    start = time.perf_counter()
+    fn(*args, **kwargs)
+    return time.perf_counter() - start
+
+
+def test_sweep_k8_vs_separate_and_live(bench_settings, bench_data, results, tmp_path):
+    config = copy.deepcopy(bench_settings.load_config())
+    config["train"].update(epochs=EPOCHS, batch_size=bench_settings.batch_size)
+    config["sweep"] = {"metric": "val_loss", "grid": GRID}
+    variants = sweep_variants(config)
+    assert len(variants) == 8
+    common = dict(cache=bench_data.caches["float32"], val_cache=bench_data.val_cache, data_mode="memory",
+                  device=bench_settings.device)
+
+    sweep_s, separate_s, single_s, own_s = [], [], [], []
+    for r in range(ROUNDS):
+        for what in ("sweep", "separate") if r % 2 == 0 else ("separate", "sweep"):  # alternate against drift
+            if what == "sweep":
+                sweep_s.append(_timed(sweep, config, tmp_path / f"sweep-{r}", **common))
+                rows = json.loads((tmp_path / f"sweep-{r}" / "sweep.json").read_text())["rows"]
+                assert len(rows) == len(variants)
+                own_s.append(sum(row["train_s"] for row in rows))
+            else:
+                times = [_timed(train, v.config, tmp_path / f"alone-{r}" / v.name, **common) for v in variants]
+                separate_s.append(sum(times))
+                single_s.append(statistics.median(times))
+
+    live_s = _timed(train, variants[0].config, tmp_path / "live", source="live",
+                    checkpoint=ROOT / bench_settings.checkpoint, input=bench_data.train, val_input=bench_data.val,
+                    device=bench_settings.device)
+
+    sweep_med, separate_med, single_med = map(statistics.median, (sweep_s, separate_s, single_s))
+    results["sweep_k8_vs_separate"] = separate_med / sweep_med
+    results["sweep_k8_vs_live"] = 8 * live_s / sweep_med
+    results["sweep"] = {
+        "k": len(variants), "epochs": EPOCHS, "rounds": ROUNDS, "grid": GRID,
+        "train_events": bench_settings.n_train, "batch_size": bench_settings.batch_size,
+        "sweep_s": sweep_s, "separate_8_s": separate_s, "single_run_s": single_s, "live_run_s": live_s,
+        "sweep_over_single_run": sweep_med / single_med,
+        "variant_steps_share_of_sweep": statistics.median(o / s for o, s in zip(own_s, sweep_s)),
+        "notes": "medians over rounds; live = 1 live frozen run (first variant) x 8; separate and single runs "
+                 "are in-process train() calls (no interpreter start-up counted); "
+                 "variant_steps_share_of_sweep = host time inside the variants' own steps and evaluations / "
+                 "sweep wall time",
+    }
