@@ -20,12 +20,22 @@ from cachefeat.model.checkpoint import load_checkpoint
 from cachefeat.training.train import build_head, train
 
 # float32 features differ between two batch compositions only by summation order (padding
-# changes the shapes the kernels see): the head's outputs and gradients agree to this.
+# changes the shapes the kernels see). Such differences scale with the magnitude of the values
+# summed, not with each element, so the absolute term is relative to the tensor's largest value
+# (measured worst on this CPU: 4.6e-6 of it for hit embeddings up to ~18).
 F32_RTOL = 1e-5
 F32_ATOL = 1e-6
-# After 50 Adam steps the float32 rounding differences above have been through 50 updates.
+F32_SCALED_ATOL = 1e-5
+
+
+def assert_close_f32(a, b, msg=""):
+    scale = max(1.0, float(a.detach().abs().max())) if a.numel() else 1.0
+    torch.testing.assert_close(a, b, rtol=F32_RTOL, atol=max(F32_ATOL, F32_SCALED_ATOL * scale), msg=msg)
+# The loss curves agree to float32 rounding; the weights too, with the magnitude-scaled term
+# above: Adam normalises each update, so an element whose gradient is near zero can move by a
+# visible fraction of the learning rate on a last-bit difference (measured: 3.3e-6 on one of
+# 53,684 weights after 50 steps, weights up to ~0.5).
 TRAJECTORY_RTOL = 1e-5
-TRAJECTORY_ATOL = 1e-6
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +90,7 @@ def test_cached_features_equal_live(cache32, frozen, events):
     for name in ("hit_raw", "targets"):
         assert torch.equal(getattr(cached, name), getattr(live, name)), name
     for name in ("hit_embed", "query_embed", "query_valid_logit", "pair_logit"):
-        torch.testing.assert_close(getattr(cached, name).float(), getattr(live, name).float(),
-                                   rtol=F32_RTOL, atol=F32_ATOL, msg=name)
+        assert_close_f32(getattr(cached, name).float(), getattr(live, name).float(), msg=name)
 
 
 def test_pairs_are_the_bruteforce_set(cache32, frozen, events):
@@ -122,7 +131,7 @@ def test_sparse_head_on_cache_equals_dense_head_on_live_outputs(cache32, frozen,
                                    out["track_hit_logit"].clone(), batch["hit_valid"])
         dense = dense.reshape(-1, dense.shape[-1])
         sparse = head.forward_sparse(cached)
-        torch.testing.assert_close(sparse, dense, rtol=F32_RTOL, atol=F32_ATOL)
+        assert_close_f32(sparse, dense)
         _, g_sparse = _grads(head, head.forward_sparse(cached), cached)
         _, g_dense = _grads(head, head.forward_dense(out["query_embed"].clone(), out["hit_embed"].clone(), raw,
                                                      out["track_hit_logit"].clone(), batch["hit_valid"])
@@ -143,7 +152,7 @@ def test_head_outputs_and_gradients_cached_equal_live(cache32, frozen, events, m
     torch.manual_seed(11)
     pred_l = head(live)
     loss_l, g_l = _grads(head, pred_l, live)
-    torch.testing.assert_close(pred_c, pred_l, rtol=F32_RTOL, atol=F32_ATOL)
+    assert_close_f32(pred_c, pred_l)
     torch.testing.assert_close(loss_c, loss_l, rtol=F32_RTOL, atol=0.0)
     _assert_grads_close(g_c, g_l)
 
@@ -164,5 +173,4 @@ def test_training_trajectory_cached_equals_live(cache32, val_cache32, muon_confi
     w_cached = load_checkpoint(tmp_path / "cached" / "head.ckpt")["state_dict"]
     w_live = load_checkpoint(tmp_path / "live" / "head.ckpt")["state_dict"]
     for name in w_cached:
-        torch.testing.assert_close(w_cached[name], w_live[name], rtol=TRAJECTORY_RTOL, atol=TRAJECTORY_ATOL,
-                                   msg=name)
+        assert_close_f32(w_cached[name], w_live[name], msg=lambda m, name=name: f"{name}: {m}")

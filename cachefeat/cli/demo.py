@@ -122,11 +122,13 @@ def run(args) -> int:
     from cachefeat.cache.reader import CacheReader, cache_summary
     from cachefeat.config import load_config
     from cachefeat.evaluation.predict import evaluate
+    from cachefeat.model.checkpoint import load_checkpoint
 
     started = time.perf_counter()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    config = load_config(args.config)
+    config = load_config(args.config, require=("data", "model", "head"))
+    load_checkpoint(args.checkpoint)  # a missing or foreign checkpoint fails before any work
     steps = []
 
     files = {}

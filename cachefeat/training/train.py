@@ -82,8 +82,8 @@ def check_cache(reader, config: dict, *, checkpoint_sha256: str | None, input_ha
     if fp.get("backbone_config_hash") != stable_hash(backbone_fingerprint_inputs(config)):
         diffs.append("the backbone config (model block or data fields) differs from the one it was extracted with")
     if checkpoint_sha256 is not None and fp.get("checkpoint_sha256") != checkpoint_sha256:
-        diffs.append(f"checkpoint weights differ (cache {fp.get('checkpoint_sha256', '?')[:12]}…, "
-                     f"given {checkpoint_sha256[:12]}…)")
+        diffs.append(f"checkpoint weights differ (this cache {fp.get('checkpoint_sha256', '?')[:12]}…, "
+                     f"expected {checkpoint_sha256[:12]}…)")
     if input_hash is not None and fp.get("input_hash") != input_hash:
         diffs.append("the input events differ from the ones it was extracted from")
     if diffs:
@@ -365,18 +365,27 @@ def _check_resume_config(run_dir: Path, config: dict) -> None:
                             "or choose another --output")
 
 
+def save_head(path: Path, head, config: dict, fingerprint: dict | None, metrics: dict) -> dict:
+    """Write a head checkpoint (head weights, head config, target scaling, cache fingerprint) to `path`.
+
+    Returns the head's prefixed state dict (keys "head.<name>").
+    """
+    from cachefeat.model.checkpoint import weights_sha256
+
+    head_state = {f"head.{k}": v.detach().cpu() for k, v in head.state_dict().items()}
+    _atomic_save({"state_dict": head_state, "head_config": head.head_config(), "config": config,
+                  "cache_fingerprint": fingerprint, "metrics": metrics,
+                  "weights_sha256": weights_sha256(head_state)}, Path(path))
+    return head_state
+
+
 def _save_head(run_dir: Path, head, config: dict, fingerprint: dict | None, metrics: dict, stage1: dict | None):
     """head.ckpt (head only) and, when the stage-1 checkpoint is known, model.ckpt (backbone + head)."""
     from cachefeat.model.checkpoint import weights_sha256
 
-    head_state = {f"head.{k}": v.detach().cpu() for k, v in head.state_dict().items()}
-    payload = {"state_dict": head_state, "head_config": head.head_config(),
-               "config": config, "cache_fingerprint": fingerprint, "metrics": metrics,
-               "weights_sha256": weights_sha256(head_state)}
-    _atomic_save(payload, run_dir / "head.ckpt")
+    head_state = save_head(run_dir / "head.ckpt", head, config, fingerprint, metrics)
     if stage1 is not None:
-        combined = dict(stage1["state_dict"])
-        combined.update(payload["state_dict"])
+        combined = {**stage1["state_dict"], **head_state}
         _atomic_save({"state_dict": combined, "config": config, "head_config": head.head_config(),
                       "weights_sha256": weights_sha256(combined), "metrics": metrics}, run_dir / "model.ckpt")
 

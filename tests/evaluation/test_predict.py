@@ -37,13 +37,10 @@ C_LIGHT = 0.299792458
 
 
 def save_head(path, head, cache_fingerprint):
-    """A head checkpoint in the layout `cachefeat train` writes."""
-    from cachefeat.model.checkpoint import weights_sha256
+    """A head checkpoint written by the trainer's own writer."""
+    from cachefeat.training.train import save_head as write_head
 
-    state = {k: v.detach().cpu() for k, v in head.state_dict().items()}
-    torch.save({"state_dict": {f"head.{k}": v for k, v in state.items()}, "head_config": head.head_config(),
-                "config": CONFIG, "cache_fingerprint": cache_fingerprint, "metrics": {},
-                "weights_sha256": weights_sha256(state)}, path)
+    write_head(path, head, CONFIG, cache_fingerprint, {})
 
 
 def random_head(raw_fields=HIT_FIELDS, seed=0):
