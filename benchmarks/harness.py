@@ -282,8 +282,7 @@ class TrainLoop:
     `run(steps)` does `steps` optimizer steps and returns the number of training events used.
     """
 
-    def __init__(self, mode: str, step, batches, events_per_batch, device: str, closers=()):
-        self.mode = mode
+    def __init__(self, step, batches, events_per_batch, device: str, closers=()):
         self._step, self._batches = step, batches
         self._events = events_per_batch
         self.device = device
@@ -378,7 +377,7 @@ def build_loop(mode: str, settings: BenchSettings, data: BenchData) -> TrainLoop
             optimizer.zero_grad(set_to_none=True)
         accelerator.gather(loss.detach()[None]).mean().item()
 
-    return TrainLoop(mode, step, _endless(source.batches), lambda hb: hb.num_events, settings.device, closers)
+    return TrainLoop(step, _endless(source.batches), lambda hb: hb.num_events, settings.device, closers)
 
 
 def _joint_loop(settings: BenchSettings, data: BenchData) -> TrainLoop:
@@ -426,7 +425,7 @@ def _joint_loop(settings: BenchSettings, data: BenchData) -> TrainLoop:
         optimizer.zero_grad(set_to_none=True)
         float(loss.detach())
 
-    return TrainLoop("joint", step, _endless(batches), lambda b: int(b["event_id"].shape[0]), settings.device,
+    return TrainLoop(step, _endless(batches), lambda b: int(b["event_id"].shape[0]), settings.device,
                      [events.close])
 
 
