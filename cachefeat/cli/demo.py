@@ -18,7 +18,7 @@ from cachefeat.cli import example_epilog
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]
-SPLITS = {"train": (6000, 1001), "val": (1000, 1002), "test": (1000, 1003)}  # events, seed
+SPLITS = {"train": (4000, 1001), "val": (800, 1002), "test": (800, 1003)}  # events, seed
 EPOCHS = 10
 SPEED_STEPS = 8
 

@@ -21,6 +21,7 @@ is standardised by `target_mean` / `target_std`; periodic fields (phi) keep mean
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -98,6 +99,30 @@ def dense_inputs(hb: HeadBatch) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
         logit.view(B, N, M),
         hit_valid.view(B, M),
     )
+
+
+@dataclass
+class PairWeights:
+    """The weight-free part of the sparse pools at one threshold tau.
+
+    query, hit: int64 [P'], batch rows of the pairs with p = sigmoid(logit) >= tau;
+    wt: float32 [P'], their p (the w~ of the formula); w: float32 [P'], p normalised over each
+    query's pairs (max(sum, 1e-8) in the denominator).
+    """
+
+    query: Tensor
+    hit: Tensor
+    wt: Tensor
+    w: Tensor
+
+
+def pair_weights(hb: HeadBatch, threshold: float) -> PairWeights:
+    """The pairs of `hb` above `threshold` and their weights."""
+    p = torch.sigmoid(hb.pair_logit.float())
+    keep = p >= threshold
+    query, hit, wt = hb.pair_query[keep], hb.pair_hit[keep], p[keep]
+    denom = wt.new_zeros(hb.query_embed.shape[0]).index_add_(0, query, wt).clamp(min=1e-8)
+    return PairWeights(query, hit, wt, wt / denom[query])
 
 
 class RegressionHead(nn.Module):
@@ -211,20 +236,19 @@ class RegressionHead(nn.Module):
 
     def features_sparse(self, hb: HeadBatch) -> Tensor:
         """z [Q, 9D]: query embedding and the 8 pools, by segment reductions over the pairs."""
-        p = torch.sigmoid(hb.pair_logit.float())
-        keep = p >= self.assignment_threshold
-        query, hit, wt = hb.pair_query[keep], hb.pair_hit[keep], p[keep]
+        return self.features_from_pairs(hb, pair_weights(hb, self.assignment_threshold))
+
+    def features_from_pairs(self, hb: HeadBatch, pairs: PairWeights) -> Tensor:
+        """z [Q, 9D] from precomputed pair weights (a sweep computes them once for many heads)."""
         Q = hb.query_embed.shape[0]
-        denom = wt.new_zeros(Q).index_add_(0, query, wt).clamp(min=1e-8)
-        w = wt / denom[query]
         pools = [hb.query_embed]
         for Z in (self.raw_hit_net(hb.hit_raw), self.encoded_hit_net(hb.hit_embed)):
-            Zp = Z[hit]
+            Zp = Z[pairs.hit]
             base = Zp.new_zeros((Q, Z.shape[1]))
-            seg = query[:, None].expand_as(Zp)
+            seg = pairs.query[:, None].expand_as(Zp)
             pools += [
-                base.index_add(0, query, w[:, None] * Zp),
-                base.index_add(0, query, wt[:, None] * Zp),
+                base.index_add(0, pairs.query, pairs.w[:, None] * Zp),
+                base.index_add(0, pairs.query, pairs.wt[:, None] * Zp),
                 # include_self=False: rows without pairs keep the base's 0.
                 base.scatter_reduce(0, seg, Zp, "amax", include_self=False),
                 base.scatter_reduce(0, seg, Zp, "amin", include_self=False),

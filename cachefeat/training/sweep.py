@@ -54,6 +54,7 @@ from tqdm import tqdm
 from cachefeat.config import did_you_mean, section
 from cachefeat.errors import UserError
 from cachefeat.head.inputs import HeadBatch
+from cachefeat.head.regression import PairWeights, pair_weights
 
 log = logging.getLogger(__name__)
 
@@ -157,46 +158,6 @@ def _text(value) -> str:
 # --- the shared part of the sparse head, and one variant's part ------------------------------
 
 
-@dataclass
-class PairWeights:
-    """The trainable-weight-free part of `RegressionHead.features_sparse` for one threshold tau.
-
-    query, hit: int64 [P'], batch rows of the pairs with p = sigmoid(logit) >= tau;
-    wt: float32 [P'], their p; w: float32 [P'], p normalised over each query's pairs.
-    """
-
-    query: Tensor
-    hit: Tensor
-    wt: Tensor
-    w: Tensor
-
-
-def pair_weights(hb: HeadBatch, threshold: float) -> PairWeights:
-    """The pair weights of `hb` at `threshold`, as `features_sparse` computes them."""
-    p = torch.sigmoid(hb.pair_logit.float())
-    keep = p >= threshold
-    query, hit, wt = hb.pair_query[keep], hb.pair_hit[keep], p[keep]
-    denom = wt.new_zeros(hb.query_embed.shape[0]).index_add_(0, query, wt).clamp(min=1e-8)
-    return PairWeights(query, hit, wt, wt / denom[query])
-
-
-def pooled_features(head, hb: HeadBatch, pairs: PairWeights) -> Tensor:
-    """z [Q, 9D] of `head` from precomputed pair weights: bit for bit `head.features_sparse(hb)`."""
-    Q = hb.query_embed.shape[0]
-    pools = [hb.query_embed]
-    for Z in (head.raw_hit_net(hb.hit_raw), head.encoded_hit_net(hb.hit_embed)):
-        Zp = Z[pairs.hit]
-        base = Zp.new_zeros((Q, Z.shape[1]))
-        seg = pairs.query[:, None].expand_as(Zp)
-        pools += [
-            base.index_add(0, pairs.query, pairs.w[:, None] * Zp),
-            base.index_add(0, pairs.query, pairs.wt[:, None] * Zp),
-            base.scatter_reduce(0, seg, Zp, "amax", include_self=False),
-            base.scatter_reduce(0, seg, Zp, "amin", include_self=False),
-        ]
-    return torch.cat(pools, dim=-1)
-
-
 class VariantHead(nn.Module):
     """A variant's `RegressionHead` as the module Accelerate prepares (and DDP wraps).
 
@@ -211,7 +172,7 @@ class VariantHead(nn.Module):
     def forward(self, hb: HeadBatch, pairs: PairWeights | None = None) -> Tensor:
         if pairs is None:
             return self.head(hb)
-        return self.head.mlp(pooled_features(self.head, hb, pairs))
+        return self.head.mlp(self.head.features_from_pairs(hb, pairs))
 
     def loss(self, pred: Tensor, hb: HeadBatch) -> Tensor:
         return self.head.loss(pred, hb)
@@ -293,10 +254,10 @@ def sweep(config: dict, run_dir, *, cache, val_cache, max_epochs: int | None = N
     from cachefeat.training.train import (
         DEFAULTS,
         SCALING_EVENTS,
-        _save_head,
-        _validation_batches,
         check_cache,
         evaluate_batches,
+        save_head_files,
+        validation_batches,
     )
 
     started = time.perf_counter()
@@ -335,7 +296,7 @@ def sweep(config: dict, run_dir, *, cache, val_cache, max_epochs: int | None = N
     total_steps //= settings["gradient_accumulation_steps"]
     val_resident = val_reader.load(accelerator.device)
     val_batches = [val_resident.batch(idx).float() for idx in
-                   _validation_batches(val_reader.num_events, settings["batch_size"], rank, world)]
+                   validation_batches(val_reader.num_events, settings["batch_size"], rank, world)]
     del val_resident
     first = reader.read_events(0, min(reader.num_events, SCALING_EVENTS))
     frozen = {f"frozen_{k}": v for k, v in summarize(reader.metrics()).items()}
@@ -396,7 +357,7 @@ def sweep(config: dict, run_dir, *, cache, val_cache, max_epochs: int | None = N
                               f"val {last['val_loss']:.4f}")
             MetricsLog(run.run_dir, accelerator.is_main_process).write(run.history)
             if accelerator.is_main_process:
-                _save_head(run.run_dir, run.head, run.variant.config, reader.fingerprint, last, None)
+                save_head_files(run.run_dir, run.head, run.variant.config, reader.fingerprint, last, None)
     accelerator.wait_for_everyone()
     rows = results_table(runs, sweep_conf)
     if accelerator.is_main_process:
@@ -431,7 +392,7 @@ def _build_run(variant: Variant, reader, first: HeadBatch, total_steps: int, acc
 
 def _train_step(runs: list[_Run], hb: HeadBatch, thresholds: list[float], accelerator, grad_clip: float) -> list:
     """One optimizer step of every variant on the batch `hb`; returns their losses (mean over ranks)."""
-    from cachefeat.training.train import _global_mean_loss
+    from cachefeat.training.train import global_mean_loss
 
     pairs = {tau: pair_weights(hb, tau) for tau in thresholds}
     losses = []
@@ -440,7 +401,7 @@ def _train_step(runs: list[_Run], hb: HeadBatch, thresholds: list[float], accele
             start = time.perf_counter()
             with run.rng.active():
                 pred = run.model(hb, pairs[run.head.assignment_threshold])
-            loss = _global_mean_loss(run.head.loss(pred, hb), hb, accelerator)
+            loss = global_mean_loss(run.head.loss(pred, hb), hb, accelerator)
             accelerator.backward(loss)
             if accelerator.sync_gradients and grad_clip:
                 accelerator.clip_grad_norm_(run.model.parameters(), grad_clip)

@@ -137,7 +137,7 @@ def evaluate_batches(head, batches, accelerator) -> dict:
     return out
 
 
-def _validation_batches(num_events: int, batch_size: int, rank: int, world: int):
+def validation_batches(num_events: int, batch_size: int, rank: int, world: int):
     """This rank's share of the validation events in fixed order (no shuffling, nothing dropped)."""
     mine = np.array_split(np.arange(num_events), world)[rank]
     for start in range(0, len(mine), batch_size):
@@ -209,7 +209,7 @@ def train(config: dict, run_dir, *, source: str = "cache", cache=None, val_cache
             raise UserError(f"--data must be auto, memory or stream, not {data_mode!r}")
         val_resident = val_reader.load(accelerator.device)
         val_iter = lambda: (val_resident.batch(idx) for idx in  # noqa: E731
-                            _validation_batches(val_reader.num_events, settings["batch_size"], rank, world))
+                            validation_batches(val_reader.num_events, settings["batch_size"], rank, world))
         first = reader.read_events(0, min(reader.num_events, SCALING_EVENTS))
         head.fit_scaling(first.targets, first.target_valid)
         frozen_counts = summarize(reader.metrics())
@@ -232,7 +232,7 @@ def train(config: dict, run_dir, *, source: str = "cache", cache=None, val_cache
                                   accelerator.device, keep_hits)
         val_iter = lambda: (frozen.head_batch({k: v.to(accelerator.device)  # noqa: E731
                                                for k, v in val_events.read(idx).items()}, floor)[0]
-                            for idx in _validation_batches(len(val_events), settings["batch_size"], rank, world))
+                            for idx in validation_batches(len(val_events), settings["batch_size"], rank, world))
         _fit_scaling_live(head, frozen, events, floor, settings["batch_size"], accelerator.device)
         frozen_params = sum(p.numel() for p in frozen.model.parameters())
         accelerator.print(f"head: {count_parameters(head):,} trainable parameters; backbone: {frozen_params:,} "
@@ -276,7 +276,7 @@ def train(config: dict, run_dir, *, source: str = "cache", cache=None, val_cache
         for hb in train_source.batches(state.epoch, start=state.step_in_epoch):
             hb = hb.to(accelerator.device).float()
             with accelerator.accumulate(head):
-                loss = _global_mean_loss(module.loss(head(hb), hb), hb, accelerator)
+                loss = global_mean_loss(module.loss(head(hb), hb), hb, accelerator)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and settings["grad_clip"]:
                     accelerator.clip_grad_norm_(head.parameters(), settings["grad_clip"])
@@ -317,7 +317,7 @@ def train(config: dict, run_dir, *, source: str = "cache", cache=None, val_cache
         if last["val_loss"] < state.best_val:
             state.best_val = last["val_loss"]
         if accelerator.is_main_process:
-            _save_head(run_dir, module, config, fingerprint, last, stage1)
+            save_head_files(run_dir, module, config, fingerprint, last, stage1)
         if done or state.epoch % settings["checkpoint_every_epochs"] == 0 or state.epoch == settings["epochs"]:
             save_checkpoint_state(accelerator, run_dir, state.global_step)
     accelerator.wait_for_everyone()
@@ -325,7 +325,7 @@ def train(config: dict, run_dir, *, source: str = "cache", cache=None, val_cache
     return {**last, "step_losses": list(state.step_losses), "source": train_source.kind}
 
 
-def _global_mean_loss(loss, hb, accelerator):
+def global_mean_loss(loss, hb, accelerator):
     """Rescale a rank's mean loss so that DDP's gradient average is the mean over all ranks' tracks.
 
     Ranks hold different numbers of matched queries; averaging per-rank means would weight
@@ -379,7 +379,7 @@ def save_head(path: Path, head, config: dict, fingerprint: dict | None, metrics:
     return head_state
 
 
-def _save_head(run_dir: Path, head, config: dict, fingerprint: dict | None, metrics: dict, stage1: dict | None):
+def save_head_files(run_dir: Path, head, config: dict, fingerprint: dict | None, metrics: dict, stage1: dict | None):
     """head.ckpt (head only) and, when the stage-1 checkpoint is known, model.ckpt (backbone + head)."""
     from cachefeat.model.checkpoint import weights_sha256
 

@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -19,8 +18,8 @@ from cachefeat.cli import main
 from cachefeat.errors import UserError
 from cachefeat.model.checkpoint import load_checkpoint
 from cachefeat.training import train as train_module
-from cachefeat.training.sweep import pair_weights, pooled_features, sweep, sweep_variants
-from cachefeat.training.train import build_head, train
+from cachefeat.training.sweep import sweep, sweep_variants
+from cachefeat.training.train import train
 
 
 def _config(muon_config, sweep_block: dict, **train_settings) -> dict:
@@ -61,26 +60,6 @@ def test_variants_are_the_grid_then_the_list(muon_config):
 def test_bad_sweep_blocks_are_refused(muon_config, block, message):
     with pytest.raises(UserError, match=message):
         sweep_variants(_config(muon_config, block))
-
-
-@pytest.mark.parametrize("threshold", [0.1, 0.3])
-def test_shared_pair_weights_give_the_heads_features_bit_for_bit(muon_config, cache32, threshold):
-    """pooled_features(pair_weights) == RegressionHead.features_sparse: values and every gradient."""
-    config = copy.deepcopy(muon_config)
-    config["head"]["init_args"]["assignment_threshold"] = threshold
-    head = build_head(config, list(cache32.raw_fields), list(cache32.particle_fields), seed=5)
-    hb = cache32.load().batch(np.arange(0, 160, 8)).float()
-    weights = torch.linspace(-1, 1, 9 * head.dim)
-    grads = []
-    for z in (head.features_sparse(hb), pooled_features(head, hb, pair_weights(hb, threshold))):
-        head.zero_grad()
-        (z * weights).sum().backward()
-        grads.append((z.detach(), {n: p.grad.clone() for n, p in head.named_parameters() if p.grad is not None}))
-    (z_head, g_head), (z_sweep, g_sweep) = grads
-    assert torch.equal(z_head, z_sweep)
-    assert g_head.keys() == g_sweep.keys() and len(g_head) > 0
-    for name in g_head:
-        assert torch.equal(g_head[name], g_sweep[name]), name
 
 
 def test_each_variant_equals_its_separate_run(muon_config, cache32, val_cache32, tmp_path, monkeypatch):
