@@ -49,13 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"cachefeat.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"cachefeat.cli.{name}":
-                raise
-            continue
-        module.add_parser(sub)
+        importlib.import_module(f"cachefeat.cli.{name}").add_parser(sub)
     return parser
 
 
