@@ -42,7 +42,9 @@ def make_accelerator(run_dir: Path, mixed_precision: str = "no", gradient_accumu
         cpu=cpu,
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=gradient_accumulation_steps,
-        project_config=ProjectConfiguration(project_dir=str(run_dir), automatic_checkpoint_naming=False),
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(Path(run_dir) / "logs"),
+                                            automatic_checkpoint_naming=False),
+        log_with="tensorboard" if tensorboard_available() else None,
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=600))],
     )
 
@@ -104,14 +106,24 @@ def load_last_checkpoint(accelerator: Accelerator, run_dir: Path) -> Path | None
 
 
 class MetricsLog:
-    """Per-epoch metrics as `metrics.json` (a list of dicts) and `metrics.csv`, written on the main process."""
+    """Per-epoch metrics as `metrics.json` (a list of dicts) and `metrics.csv`, written on the main
+    process, and to TensorBoard (RUN_DIR/logs) through the accelerator's trackers when installed."""
 
-    def __init__(self, run_dir: Path, enabled: bool):
+    def __init__(self, run_dir: Path, accelerator: Accelerator, run_name: str, hparams: dict,
+                 track: bool = True):
         self.json_path = Path(run_dir) / "metrics.json"
         self.csv_path = Path(run_dir) / "metrics.csv"
-        self.enabled = enabled
+        self.enabled = accelerator.is_main_process
+        self.accelerator = accelerator
+        self.track = track and bool(accelerator.log_with)
+        if self.track:
+            scalars = {k: v for k, v in hparams.items() if isinstance(v, bool | int | float | str)}
+            accelerator.init_trackers(run_name, config=scalars)
 
     def write(self, history: list[dict]) -> None:
+        if history and self.track:
+            numbers = {k: float(v) for k, v in history[-1].items() if isinstance(v, int | float)}
+            self.accelerator.log(numbers, step=len(history))
         if not self.enabled or not history:
             return
         tmp = self.json_path.with_suffix(".json.tmp")

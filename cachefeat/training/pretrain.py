@@ -190,7 +190,7 @@ def pretrain(config: dict, train_path, val_path, run_dir, *, epochs: int | None 
     accelerator.register_for_checkpointing(scheduler)
     if resume and load_last_checkpoint(accelerator, run_dir) is not None:
         accelerator.print(f"resumed at epoch {state.epoch}, step {state.global_step}")
-    metrics_log = MetricsLog(run_dir, accelerator.is_main_process)
+    metrics_log = MetricsLog(run_dir, accelerator, "pretrain", settings)
     module = accelerator.unwrap_model(step)
 
     last: dict = {}

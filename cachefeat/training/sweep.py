@@ -355,7 +355,7 @@ def sweep(config: dict, run_dir, *, cache, val_cache, max_epochs: int | None = N
             run.history.append(last)
             accelerator.print(f"epoch {epoch + int(done)} {run.variant.name}: train {last['train_loss']:.4f} "
                               f"val {last['val_loss']:.4f}")
-            MetricsLog(run.run_dir, accelerator.is_main_process).write(run.history)
+            MetricsLog(run.run_dir, accelerator, run.variant.name, {}, track=False).write(run.history)
             if accelerator.is_main_process:
                 save_head_files(run.run_dir, run.head, run.variant.config, reader.fingerprint, last, None)
     accelerator.wait_for_everyone()

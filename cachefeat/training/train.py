@@ -261,7 +261,7 @@ def train(config: dict, run_dir, *, source: str = "cache", cache=None, val_cache
             accelerator.print(f"resumed at epoch {state.epoch}, batch {state.step_in_epoch}")
     elif accelerator.is_main_process:
         (run_dir / "config.json").write_text(json.dumps(config, indent=1, default=str))
-    metrics_log = MetricsLog(run_dir, accelerator.is_main_process)
+    metrics_log = MetricsLog(run_dir, accelerator, "train", settings)
     module = accelerator.unwrap_model(head)
 
     last: dict = state.history[-1] if state.history else {}
