@@ -328,9 +328,9 @@ def build_loop(mode: str, settings: BenchSettings, data: BenchData) -> TrainLoop
 
     from cachefeat.cache.reader import CacheReader
     from cachefeat.config import section
-    from cachefeat.training.accel import make_accelerator
+    from cachefeat.training.accel import make_accelerator, optimizer_step
     from cachefeat.training.sources import CacheMemorySource, CacheStreamSource, LiveSource
-    from cachefeat.training.train import DEFAULTS, build_head
+    from cachefeat.training.train import DEFAULTS, build_head, global_mean_loss
 
     config = settings.load_config()
     train_settings = section(config, "train", DEFAULTS)
@@ -362,7 +362,7 @@ def build_loop(mode: str, settings: BenchSettings, data: BenchData) -> TrainLoop
     optimizer = torch.optim.AdamW(head.parameters(), lr=train_settings["lr"],
                                   weight_decay=train_settings["weight_decay"])
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=train_settings["lr"], total_steps=10**7)
-    head, optimizer, scheduler = accelerator.prepare(head, optimizer, scheduler)
+    head, optimizer = accelerator.prepare(head, optimizer)  # the scheduler stays unprepared, as in train.py
     module = accelerator.unwrap_model(head)
     head.train()
     clip = train_settings["grad_clip"]
@@ -370,13 +370,8 @@ def build_loop(mode: str, settings: BenchSettings, data: BenchData) -> TrainLoop
     def step(hb) -> None:  # the body of train.py's training loop
         hb = hb.to(device).float()
         with accelerator.accumulate(head):
-            loss = module.loss(head(hb), hb)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and clip:
-                accelerator.clip_grad_norm_(head.parameters(), clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss = global_mean_loss(module.loss(head(hb), hb), hb, accelerator)
+            optimizer_step(accelerator, head, loss, optimizer, scheduler, clip)
         accelerator.gather(loss.detach()[None]).mean().item()
 
     return TrainLoop(step, _endless(source.batches), lambda hb: hb.num_events, settings.device, closers)
@@ -393,7 +388,7 @@ def _joint_loop(settings: BenchSettings, data: BenchData) -> TrainLoop:
     from cachefeat.config import section
     from cachefeat.data.events import EventFile
     from cachefeat.model.checkpoint import load_checkpoint, load_model_state
-    from cachefeat.training.accel import make_accelerator
+    from cachefeat.training.accel import make_accelerator, optimizer_step
     from cachefeat.training.pretrain import DEFAULTS, Stage1Step, build_stage1, fit_head_scaling
     from cachefeat.training.sources import epoch_event_batches
 
@@ -410,7 +405,7 @@ def _joint_loop(settings: BenchSettings, data: BenchData) -> TrainLoop:
     model = Stage1Step(backbone, head, fields["hit_fields"], fields["particle_fields"], pre["head_loss_weight"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=pre["lr"], weight_decay=pre["weight_decay"])
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=pre["lr"], total_steps=10**7)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler stays unprepared, as in pretrain.py
     model.train()
 
     def batches(epoch: int):  # the live source's batches: same events, same order, same padding
@@ -419,12 +414,7 @@ def _joint_loop(settings: BenchSettings, data: BenchData) -> TrainLoop:
 
     def step(batch) -> None:  # the body of pretrain.py's training loop
         loss, _, _ = model(batch)
-        accelerator.backward(loss)
-        if pre["grad_clip"]:
-            accelerator.clip_grad_norm_(model.parameters(), pre["grad_clip"])
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(accelerator, model, loss, optimizer, scheduler, pre["grad_clip"])
         float(loss.detach())
 
     return TrainLoop(step, _endless(batches), lambda b: int(b["event_id"].shape[0]), settings.device,

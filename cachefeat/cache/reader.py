@@ -61,17 +61,7 @@ class CacheReader:
                 f"version {schema.FORMAT_VERSION}: re-extract it with --overwrite"
             )
         self.attrs = attrs
-        for name in (
-            "fingerprint",
-            "settings",
-            "raw_fields",
-            "particle_fields",
-            "dim",
-            "embed_dtype",
-            "num_events",
-            "block_size",
-            "metric_names",
-        ):
+        for name in ("fingerprint", "settings", *schema.LAYOUT_ATTRS[1:]):
             setattr(self, name, attrs[name])
         self.num_blocks = schema.num_blocks(self.num_events, self.block_size)
         self._manifests = schema.node_attributes(

@@ -68,6 +68,21 @@ class TrainState:
             setattr(self, key, value)
 
 
+def optimizer_step(accelerator: Accelerator, model, loss, optimizer, scheduler, grad_clip: float) -> None:
+    """The update every trainer makes: backward, clip and schedule on synchronising steps, step, zero grads.
+
+    Under gradient accumulation the prepared optimizer skips its step on non-synchronising
+    micro-steps; the (unprepared) scheduler advances once per real optimizer step.
+    """
+    accelerator.backward(loss)
+    if accelerator.sync_gradients and grad_clip:
+        accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    if accelerator.sync_gradients:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
     root = Path(run_dir) / "checkpoints"

@@ -27,6 +27,7 @@ from cachefeat.training.accel import (
     TrainState,
     load_last_checkpoint,
     make_accelerator,
+    optimizer_step,
     save_checkpoint_state,
 )
 
@@ -207,12 +208,7 @@ def pretrain(config: dict, train_path, val_path, run_dir, *, epochs: int | None 
         for idx in batches[state.step_in_epoch:]:
             batch = _to(train.read(idx), accelerator.device)
             loss, _, parts = step(batch)
-            accelerator.backward(loss)
-            if settings["grad_clip"]:
-                accelerator.clip_grad_norm_(step.parameters(), settings["grad_clip"])
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(accelerator, step, loss, optimizer, scheduler, settings["grad_clip"])
             state.step_in_epoch += 1
             state.global_step += 1
             n_events += len(idx) * world

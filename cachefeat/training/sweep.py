@@ -392,6 +392,7 @@ def _build_run(variant: Variant, reader, first: HeadBatch, total_steps: int, acc
 
 def _train_step(runs: list[_Run], hb: HeadBatch, thresholds: list[float], accelerator, grad_clip: float) -> list:
     """One optimizer step of every variant on the batch `hb`; returns their losses (mean over ranks)."""
+    from cachefeat.training.accel import optimizer_step
     from cachefeat.training.train import global_mean_loss
 
     pairs = {tau: pair_weights(hb, tau) for tau in thresholds}
@@ -402,13 +403,7 @@ def _train_step(runs: list[_Run], hb: HeadBatch, thresholds: list[float], accele
             with run.rng.active():
                 pred = run.model(hb, pairs[run.head.assignment_threshold])
             loss = global_mean_loss(run.head.loss(pred, hb), hb, accelerator)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and grad_clip:
-                accelerator.clip_grad_norm_(run.model.parameters(), grad_clip)
-            run.optimizer.step()
-            if accelerator.sync_gradients:
-                run.scheduler.step()
-            run.optimizer.zero_grad(set_to_none=True)
+            optimizer_step(accelerator, run.model, loss, run.optimizer, run.scheduler, grad_clip)
             losses.append(loss.detach())
             run.seconds += time.perf_counter() - start
     return accelerator.gather(torch.stack(losses)[None]).mean(0).tolist()

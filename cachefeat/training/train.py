@@ -28,6 +28,7 @@ from cachefeat.training.accel import (
     TrainState,
     load_last_checkpoint,
     make_accelerator,
+    optimizer_step,
     save_checkpoint_state,
 )
 from cachefeat.training.sources import (
@@ -277,13 +278,7 @@ def train(config: dict, run_dir, *, source: str = "cache", cache=None, val_cache
             hb = hb.to(accelerator.device).float()
             with accelerator.accumulate(head):
                 loss = global_mean_loss(module.loss(head(hb), hb), hb, accelerator)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and settings["grad_clip"]:
-                    accelerator.clip_grad_norm_(head.parameters(), settings["grad_clip"])
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer_step(accelerator, head, loss, optimizer, scheduler, settings["grad_clip"])
             state.step_in_epoch += 1
             step_loss = accelerator.gather(loss.detach()[None]).mean().item()
             state.step_losses.append(step_loss)
