@@ -125,6 +125,18 @@ def test_sparse_equals_dense_edge_cases(case, make_kw, floor, tau):
     assert_sparse_equals_dense(head, outputs, batch, target_index, floor)
 
 
+def test_exact_ties_in_max_and_min_pools_give_the_dense_gradients():
+    """Two hits of one query with the same raw features tie in every max/min column of the raw
+    hit net's output. Autograd (dense) splits the gradient between them, the sparse pool gives it
+    to one; the head parameters' gradients must still agree."""
+    head = make_head(5)
+    outputs, batch, target_index = make_padded(5)
+    for f in RAW:
+        batch[f"hit_{f}"][0, 1] = batch[f"hit_{f}"][0, 0]
+    outputs["track_hit_logit"][0, 0, :2] = 4.0  # both assigned to query 0
+    assert_sparse_equals_dense(head, outputs, batch, target_index, floor=0.05)
+
+
 def test_query_without_assigned_hits_and_all_noise_event():
     head = make_head(4)
     outputs, batch, target_index = make_padded(4)
