@@ -123,6 +123,7 @@ MISTAKES = {
     "pretrain-missing-train": (PRETRAIN.replace("--train {events}", "--train {work}/nope.h5"),
                                "event file not found"),
     "pretrain-zero-epochs": (PRETRAIN + " --epochs 0", "--epochs must be at least 1"),
+    "pretrain-init-missing": (PRETRAIN + " --init {work}/nope.ckpt", "--init checkpoint not found"),
     "pretrain-lr-not-number": (PRETRAIN + " --set pretrain.lr=fast", "pretrain.lr must be a number, not 'fast'"),
     "pretrain-resume-nothing": (PRETRAIN.replace("stage1", "never-run") + " --resume", "nothing to resume"),
     "pretrain-no-data-section": (PRETRAIN.replace("{config}", "{no_data_config}"), "has no 'data' section"),

@@ -17,6 +17,8 @@ def add_parser(sub) -> None:
         epilog=example_epilog(
             "cachefeat pretrain --config configs/muon.yaml --train train.h5 --val val.h5 --output runs/stage1",
             "cachefeat pretrain --config configs/muon.yaml --train train.h5 --val val.h5 --output runs/joint --joint",
+            "cachefeat pretrain --config configs/muon.yaml --train train.h5 --val val.h5 --output runs/joint-ft "
+            "--joint --init data/muon_stage1.ckpt --epochs 4",
         ),
     )
     p.add_argument("--config", required=True, help="YAML config (model, data, pretrain sections)")
@@ -28,6 +30,9 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, help="override pretrain.seed")
     p.add_argument("--joint", action="store_true", default=None,
                    help="train the regression head together with the backbone (the joint baseline)")
+    p.add_argument("--init", metavar="STAGE1.ckpt",
+                   help="start the backbone from this checkpoint's weights (pretrain.init), e.g. to fine-tune "
+                        "a trained stage 1 jointly with a fresh head")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -47,8 +52,10 @@ def run(args) -> int:
     out = Path(args.output)
     if not args.resume and (out / "stage1_last.ckpt").exists():
         raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --output")
+    if args.init is not None and not Path(args.init).is_file():
+        raise UserError(f"--init checkpoint not found: {args.init}")
     if args.resume and not out.is_dir():
         raise UserError(f"nothing to resume: {out} does not exist")
     pretrain(config, args.train, args.val, out, epochs=args.epochs, batch_size=args.batch_size,
-             joint=args.joint, resume=args.resume, seed=args.seed, device=args.device)
+             joint=args.joint, resume=args.resume, seed=args.seed, device=args.device, init=args.init)
     return 0

@@ -28,18 +28,24 @@ def weights_sha256(state_dict: dict) -> str:
     return digest.hexdigest()
 
 
-def save_checkpoint(path: str | Path, model: nn.Module, config: dict, **extra) -> None:
+def save_checkpoint(path: str | Path, model: nn.Module, config: dict, head: nn.Module | None = None, **extra) -> None:
     """Write {"state_dict": {"model."+k: v}, "config", "weights_sha256", **extra} atomically.
 
+    With `head` (a RegressionHead trained jointly), its weights join the state dict as
+    "head."+k and its `head_config()` is stored, the layout of `cachefeat train`'s model.ckpt:
+    the file then serves as a stage-1 checkpoint and as a head checkpoint.
     `extra` values must be plain Python data or tensors (the file is read with weights_only=True).
     The file is written under a temporary name in the same folder, then renamed over `path`.
     """
-    clash = set(extra) & set(REQUIRED_KEYS)
+    clash = set(extra) & {*REQUIRED_KEYS, "head_config"}
     if clash:
         raise ValueError(f"save_checkpoint: extra keys {sorted(clash)} are reserved")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {f"model.{k}": v.detach().cpu() for k, v in model.state_dict().items()}
+    if head is not None:
+        state.update({f"head.{k}": v.detach().cpu() for k, v in head.state_dict().items()})
+        extra["head_config"] = head.head_config()
     payload = {"state_dict": state, "config": config, "weights_sha256": weights_sha256(state), **extra}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:

@@ -19,7 +19,7 @@ from cachefeat.config import instantiate, section
 from cachefeat.data.events import EventFile, bucketed_batches
 from cachefeat.evaluation.metrics import regression_metrics
 from cachefeat.head.inputs import from_model_outputs
-from cachefeat.model.checkpoint import save_checkpoint
+from cachefeat.model.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from cachefeat.model.layers import count_parameters
 from cachefeat.model.metrics import event_metrics, summarize
 from cachefeat.training.accel import (
@@ -43,6 +43,7 @@ DEFAULTS = {
     "seed": 1,
     "joint": False,
     "head_loss_weight": 1.0,
+    "init": None,
 }
 
 
@@ -151,14 +152,18 @@ def validate(step: Stage1Step, events: EventFile, batch_size: int, accelerator) 
 
 def pretrain(config: dict, train_path, val_path, run_dir, *, epochs: int | None = None,
              batch_size: int | None = None, joint: bool | None = None, resume: bool = False,
-             seed: int | None = None, device: str | None = None) -> dict:
+             seed: int | None = None, device: str | None = None, init=None) -> dict:
     """Train stage 1 (or backbone + head jointly); returns the final validation metrics.
 
+    `init` (or pretrain.init): a stage-1 checkpoint whose weights the backbone starts from, e.g.
+    to fine-tune a trained stage 1 jointly with a fresh head; the head always starts fresh.
     Writes RUN_DIR/stage1_best.ckpt, stage1_last.ckpt, metrics.json/csv and resumable
-    Accelerate checkpoints under RUN_DIR/checkpoints/.
+    Accelerate checkpoints under RUN_DIR/checkpoints/. Joint checkpoints also hold the head
+    (see `save_checkpoint`): `cachefeat evaluate --head` and `--checkpoint` both take them.
     """
     settings = section(config, "pretrain", DEFAULTS)
-    for key, value in {"epochs": epochs, "batch_size": batch_size, "joint": joint, "seed": seed}.items():
+    for key, value in {"epochs": epochs, "batch_size": batch_size, "joint": joint, "seed": seed,
+                       "init": init}.items():
         if value is not None:
             settings[key] = value
     run_dir = Path(run_dir)
@@ -171,6 +176,8 @@ def pretrain(config: dict, train_path, val_path, run_dir, *, epochs: int | None 
     train = EventFile(train_path, data["hit_fields"], data["particle_fields"], data.get("max_hits"))
     val = EventFile(val_path, data["hit_fields"], data["particle_fields"], data.get("max_hits"))
     backbone, head = build_stage1(config, settings["joint"])
+    if settings["init"] is not None:
+        load_model_state(backbone, load_checkpoint(settings["init"]))  # UserError: missing file, other model
     if head is not None:
         fit_head_scaling(head, train)
     accelerator.print(f"backbone: {count_parameters(backbone):,} trainable parameters"
@@ -230,11 +237,10 @@ def pretrain(config: dict, train_path, val_path, run_dir, *, epochs: int | None 
             f"eff@0.75 {last['eff_075']:.3f} fake {last['fake_rate']:.3f} "
             f"({last['events_per_s']:.0f} events/s)")
         if accelerator.is_main_process:
-            extra = _head_extra(module.head)
             if last["val_loss"] < state.best_val:
                 state.best_val = last["val_loss"]
-                save_checkpoint(run_dir / "stage1_best.ckpt", module.backbone, config, metrics=last, **extra)
-            save_checkpoint(run_dir / "stage1_last.ckpt", module.backbone, config, metrics=last, **extra)
+                save_checkpoint(run_dir / "stage1_best.ckpt", module.backbone, config, module.head, metrics=last)
+            save_checkpoint(run_dir / "stage1_last.ckpt", module.backbone, config, module.head, metrics=last)
         metrics_log.write(state.history)
         save_checkpoint_state(accelerator, run_dir, state.global_step)
     accelerator.wait_for_everyone()
@@ -242,11 +248,4 @@ def pretrain(config: dict, train_path, val_path, run_dir, *, epochs: int | None 
     train.close()
     val.close()
     return last
-
-
-def _head_extra(head) -> dict:
-    if head is None:
-        return {}
-    return {"head_state_dict": {k: v.detach().cpu() for k, v in head.state_dict().items()},
-            "head_config": head.head_config()}
 
