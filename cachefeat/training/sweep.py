@@ -23,8 +23,8 @@ Each batch is read, gathered, moved to the device and widened once, and its pair
 per distinct threshold; then every variant takes its own step on it, with its own parameters,
 AdamW optimizer, OneCycle schedule and dropout RNG stream. So a variant ends with the same weights
 and per-step losses as `train(...)` run alone on its config (with the sweep's event order).
-Variants are not stacked into batched kernels: on CPU the per-variant pooling reductions, the
-bulk of a step, cost the same per column whether run one variant at a time or side by side.
+Variants are not stacked into batched kernels: on CPU the per-variant pooling reductions, more
+than half of a step, cost the same per column whether run one variant at a time or side by side.
 
 Under `accelerate launch` every variant is data-parallel over the same processes (each prepared
 with the one Accelerator). Writes RUN_DIR/<variant>/{head.ckpt, metrics.json, metrics.csv,
