@@ -125,6 +125,15 @@ def pair_weights(hb: HeadBatch, threshold: float) -> PairWeights:
     return PairWeights(query, hit, wt, wt / denom[query])
 
 
+def _extrema(Zp: Tensor, query: Tensor, num_queries: int) -> tuple[Tensor, Tensor]:
+    """Column-wise (max, min) [Q, C] of the rows Zp [P, C] per query; rows without pairs keep 0."""
+    seg = query[:, None].expand_as(Zp)
+    return tuple(
+        Zp.new_zeros((num_queries, Zp.shape[1])).scatter_reduce(0, seg, Zp, reduce, include_self=False)
+        for reduce in ("amax", "amin")
+    )
+
+
 class _SegmentExtrema(torch.autograd.Function):
     """Column-wise max and min of Z's rows over each query's pairs; 0 for a query without pairs.
 
@@ -138,11 +147,9 @@ class _SegmentExtrema(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, Z: Tensor, Zp: Tensor, hit: Tensor, query: Tensor, num_queries: int):
-        seg = query[:, None].expand_as(Zp)
         rows = Z.shape[0]
         outs, args = [], []
-        for reduce in ("amax", "amin"):
-            out = Zp.new_zeros((num_queries, Zp.shape[1])).scatter_reduce(0, seg, Zp, reduce, include_self=False)
+        for out in _extrema(Zp, query, num_queries):
             pair, col = (Zp == out[query]).nonzero(as_tuple=True)  # about Q*C elements attain
             arg = torch.full(out.shape, rows, dtype=torch.long, device=Z.device)
             args.append(arg.index_put_((query[pair], col), hit[pair]))
@@ -163,11 +170,7 @@ def segment_extrema(Z: Tensor, Zp: Tensor, pairs: PairWeights, num_queries: int)
     """([Q, C], [Q, C]): max and min over each query's pairs of the rows Zp = Z[pairs.hit] (0 without pairs)."""
     if torch.is_grad_enabled() and Z.requires_grad:
         return _SegmentExtrema.apply(Z, Zp.detach(), pairs.hit, pairs.query, num_queries)
-    seg = pairs.query[:, None].expand_as(Zp)
-    return tuple(
-        Zp.new_zeros((num_queries, Zp.shape[1])).scatter_reduce(0, seg, Zp, reduce, include_self=False)
-        for reduce in ("amax", "amin")
-    )
+    return _extrema(Zp, pairs.query, num_queries)
 
 
 class RegressionHead(nn.Module):
