@@ -64,11 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
-        format="%(message)s",
-        stream=sys.stderr,
-    )
+    # Our INFO messages; other libraries' only from WARNING up (Accelerate logs every checkpoint save).
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("cachefeat").setLevel(logging.DEBUG if args.debug else logging.INFO)
     try:
         return int(args.func(args) or 0)
     except UserError as exc:

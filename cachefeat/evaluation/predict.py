@@ -294,7 +294,7 @@ def evaluate(config: dict, head_ckpt, output, *, source: str = "cache", cache=No
 
         make_plots(columns, out)
     c = metrics["counts"]
-    log.info("evaluated %d events, %d matched tracks; head pT resolution %.4g, fit %.4g (on %d fitted tracks)",
-             c["events"], c["matched"], metrics["head"].get("pt_rel_res", math.nan),
-             metrics["fit"].get("pt_rel_res", math.nan), c["fit_ok"])
+    log.info("evaluated %d events, %d matched tracks; relative pT resolution (68%% half-width): head %.4g, "
+             "fit %.4g (on %d fitted tracks)", c["events"], c["matched"], metrics["head"].get("pt_rel_res68", math.nan),
+             metrics["fit"].get("pt_rel_res68", math.nan), c["fit_ok"])
     return metrics

@@ -306,7 +306,7 @@ def train(config: dict, run_dir, *, source: str = "cache", cache=None, val_cache
                 **{f"frozen_{k}": v for k, v in (frozen_counts or {}).items()}}
         state.history.append(last)
         accelerator.print(f"epoch {state.epoch + int(done)}: train {last['train_loss']:.4f} val {last['val_loss']:.4f} "
-                          f"pt rel. res. {last.get('val_pt_rel_res', float('nan')):.3f} "
+                          f"pT res68 {last.get('val_pt_rel_res68', float('nan')):.3g} "
                           f"({last['events_per_s']:.0f} events/s)")
         metrics_log.write(state.history)
         if last["val_loss"] < state.best_val:
