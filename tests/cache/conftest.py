@@ -163,29 +163,19 @@ def edge_events_file(workdir, events_file) -> Path:
     return path
 
 
+def extract_args(config, checkpoint, events, output) -> list[str]:
+    """The `cachefeat extract` options for these paths, without a progress bar."""
+    return ["--config", str(config), "--checkpoint", str(checkpoint), "--input", str(events), "--output", str(output),
+            "--no-progress"]
+
+
 @pytest.fixture(scope="session")
 def cache(workdir, config_file, checkpoint, events_file) -> Path:
     """The muon events extracted through the CLI with the config's defaults (floor 0.1)."""
     from cachefeat.cli import main
 
     out = workdir / "muon.zarr"
-    assert (
-        main(
-            [
-                "extract",
-                "--config",
-                str(config_file),
-                "--checkpoint",
-                str(checkpoint),
-                "--input",
-                str(events_file),
-                "--output",
-                str(out),
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    assert main(["extract", *extract_args(config_file, checkpoint, events_file, out)]) == 0
     return out
 
 
@@ -364,6 +354,7 @@ def ref():
 
     return SimpleNamespace(
         NUM_EVENTS=NUM_EVENTS,
+        extract_args=extract_args,
         TINY_CONFIG=TINY_CONFIG,
         build_model=build_model,
         read_csr=read_csr,

@@ -260,7 +260,7 @@ def test_help_has_example(capsys):
     assert "example:" in capsys.readouterr().out
 
 
-def test_cli_overrides_and_options(capsys, caplog, config_file, checkpoint, edge_events_file, tmp_path):
+def test_cli_overrides_and_options(ref, capsys, caplog, config_file, checkpoint, edge_events_file, tmp_path):
     """--set changes the config (the default floor follows the head's threshold); options win over it."""
     from cachefeat.cache.reader import CacheReader
 
@@ -269,15 +269,7 @@ def test_cli_overrides_and_options(capsys, caplog, config_file, checkpoint, edge
     code = main(
         [
             "extract",
-            "--config",
-            str(config_file),
-            "--checkpoint",
-            str(checkpoint),
-            "--input",
-            str(edge_events_file),
-            "--output",
-            str(out),
-            "--no-progress",
+            *ref.extract_args(config_file, checkpoint, edge_events_file, out),
             "--set",
             "head.init_args.assignment_threshold=0.3",
             "--set",

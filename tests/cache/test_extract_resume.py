@@ -75,17 +75,7 @@ def test_sigkill_then_resume_gives_the_same_cache(ref, cache, config_file, check
     from cachefeat.cache.reader import CacheReader
 
     out = tmp_path / "killed.zarr"
-    args = [
-        "--config",
-        str(config_file),
-        "--checkpoint",
-        str(checkpoint),
-        "--input",
-        str(events_file),
-        "--output",
-        str(out),
-        "--no-progress",
-    ]
+    args = ref.extract_args(config_file, checkpoint, events_file, out)
     kill_when(args, lambda: (out / "blocks" / "000001").exists())
     assert len(committed_blocks(out)) < 3
     assert (out / ".lock").exists()  # left by the killed writer; stale now
@@ -126,18 +116,7 @@ def test_disk_full_then_resume(ref, capsys, small_disk, cache, config_file, chec
     the disk grows, --resume completes to the same cache as an uninterrupted run."""
     mnt, grow = small_disk
     out = mnt / "c.zarr"
-    args = [
-        "extract",
-        "--config",
-        str(config_file),
-        "--checkpoint",
-        str(checkpoint),
-        "--input",
-        str(events_file),
-        "--output",
-        str(out),
-        "--no-progress",
-    ]
+    args = ["extract", *ref.extract_args(config_file, checkpoint, events_file, out)]
     assert main(args) == 2
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("cachefeat extract: error:")]
@@ -152,23 +131,10 @@ def test_disk_full_then_resume(ref, capsys, small_disk, cache, config_file, chec
     assert_same_cache(ref, cache, out)
 
 
-def test_lock_of_a_live_writer_is_respected(capsys, config_file, checkpoint, events_file, tmp_path):
+def test_lock_of_a_live_writer_is_respected(ref, capsys, config_file, checkpoint, events_file, tmp_path):
     """A second writer on a cache locked by a running pid is refused with exit 2."""
     out = tmp_path / "locked.zarr"
     out.mkdir()
     (out / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
-    code = main(
-        [
-            "extract",
-            "--config",
-            str(config_file),
-            "--checkpoint",
-            str(checkpoint),
-            "--input",
-            str(events_file),
-            "--output",
-            str(out),
-            "--no-progress",
-        ]
-    )
+    code = main(["extract", *ref.extract_args(config_file, checkpoint, events_file, out)])
     assert code == 2 and "locked by pid" in capsys.readouterr().err
