@@ -328,7 +328,7 @@ def build_loop(mode: str, settings: BenchSettings, data: BenchData) -> TrainLoop
 
     from cachefeat.cache.reader import CacheReader
     from cachefeat.config import section
-    from cachefeat.training.accel import make_accelerator, optimizer_step
+    from cachefeat.training.accel import adamw, make_accelerator, optimizer_step
     from cachefeat.training.sources import CacheMemorySource, CacheStreamSource, LiveSource
     from cachefeat.training.train import DEFAULTS, build_head, global_mean_loss
 
@@ -359,8 +359,7 @@ def build_loop(mode: str, settings: BenchSettings, data: BenchData) -> TrainLoop
         source = LiveSource(frozen, events, B, seed, 0, 1, head.assignment_threshold, device,
                             keep_hits="all" if dense else "assigned")
     _first_events_scaling(head, reader)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=train_settings["lr"],
-                                  weight_decay=train_settings["weight_decay"])
+    optimizer = adamw(head.parameters(), train_settings["lr"], train_settings["weight_decay"])
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=train_settings["lr"], total_steps=10**7)
     head, optimizer = accelerator.prepare(head, optimizer)  # the scheduler stays unprepared, as in train.py
     module = accelerator.unwrap_model(head)
@@ -388,7 +387,7 @@ def _joint_loop(settings: BenchSettings, data: BenchData) -> TrainLoop:
     from cachefeat.config import section
     from cachefeat.data.events import EventFile
     from cachefeat.model.checkpoint import load_checkpoint, load_model_state
-    from cachefeat.training.accel import make_accelerator, optimizer_step
+    from cachefeat.training.accel import adamw, make_accelerator, optimizer_step
     from cachefeat.training.pretrain import DEFAULTS, Stage1Step, build_stage1, fit_head_scaling
     from cachefeat.training.sources import epoch_event_batches
 
@@ -403,7 +402,7 @@ def _joint_loop(settings: BenchSettings, data: BenchData) -> TrainLoop:
     events = EventFile(data.train, fields["hit_fields"], fields["particle_fields"], fields.get("max_hits"))
     fit_head_scaling(head, events)
     model = Stage1Step(backbone, head, fields["hit_fields"], fields["particle_fields"], pre["head_loss_weight"])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=pre["lr"], weight_decay=pre["weight_decay"])
+    optimizer = adamw(model.parameters(), pre["lr"], pre["weight_decay"])
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=pre["lr"], total_steps=10**7)
     model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler stays unprepared, as in pretrain.py
     model.train()

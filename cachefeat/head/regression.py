@@ -21,6 +21,7 @@ is standardised by `target_mean` / `target_std`; periodic fields (phi) keep mean
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -103,74 +104,107 @@ def dense_inputs(hb: HeadBatch) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
 
 @dataclass
 class PairWeights:
-    """The weight-free part of the sparse pools at one threshold tau.
+    """The weight-free part of the sparse pools at one threshold tau, shared by every head that uses tau.
 
-    query, hit: int64 [P'], batch rows of the pairs with p = sigmoid(logit) >= tau;
-    wt: float32 [P'], their p (the w~ of the formula); w: float32 [P'], p normalised over each
-    query's pairs (max(sum, 1e-8) in the denominator).
+    The P' pairs with p = sigmoid(logit) >= tau, ordered by query row:
+    query, hit: int64 [P'], batch rows; wt: float32 [P'], their p (the w~ of the formula);
+    w: float32 [P'], p normalised over each query's pairs (max(sum, 1e-8) in the denominator).
+    raw [P', F] and embed [P', D]: the pair's hit features, so the hit nets run once per pair
+    and need no gather (and no scatter in their backward). num_queries: Q, the batch's query rows.
+    sums [2Q, P'] and sums_t [P', 2Q]: sparse CSR matrices, the weighted sums as one product
+    (rows 0..Q-1 weight by w, rows Q..2Q-1 by wt) and its transpose for the backward.
     """
 
     query: Tensor
     hit: Tensor
     wt: Tensor
     w: Tensor
+    raw: Tensor
+    embed: Tensor
+    num_queries: int
+    sums: Tensor
+    sums_t: Tensor
 
 
 def pair_weights(hb: HeadBatch, threshold: float) -> PairWeights:
-    """The pairs of `hb` above `threshold` and their weights."""
+    """The pairs of `hb` above `threshold`, their weights and their hits' features."""
     p = torch.sigmoid(hb.pair_logit.float())
     keep = p >= threshold
     query, hit, wt = hb.pair_query[keep], hb.pair_hit[keep], p[keep]
-    denom = wt.new_zeros(hb.query_embed.shape[0]).index_add_(0, query, wt).clamp(min=1e-8)
-    return PairWeights(query, hit, wt, wt / denom[query])
+    if query.numel() > 1 and bool((query.diff() < 0).any()):
+        order = torch.argsort(query, stable=True)
+        query, hit, wt = query[order], hit[order], wt[order]
+    Q, P = hb.query_embed.shape[0], query.shape[0]
+    denom = wt.new_zeros(Q).index_add_(0, query, wt).clamp(min=1e-8)
+    w = wt / denom[query]
+    counts = torch.bincount(query, minlength=Q)
+    crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    pair = torch.arange(P, device=query.device)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": matmul with a dense matrix is all we use
+        warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
+        sums = torch.sparse_csr_tensor(torch.cat([crow, crow[1:] + P]), pair.repeat(2), torch.cat([w, wt]),
+                                       (2 * Q, P), check_invariants=False)
+        sums_t = torch.sparse_csr_tensor(torch.arange(0, 2 * P + 1, 2, device=query.device),
+                                         torch.stack([query, query + Q], 1).flatten(),
+                                         torch.stack([w, wt], 1).flatten(), (P, 2 * Q), check_invariants=False)
+    return PairWeights(query, hit, wt, w, hb.hit_raw[hit], hb.hit_embed[hit], Q, sums, sums_t)
 
 
-def _extrema(Zp: Tensor, query: Tensor, num_queries: int) -> tuple[Tensor, Tensor]:
-    """Column-wise (max, min) [Q, C] of the rows Zp [P, C] per query; rows without pairs keep 0."""
-    seg = query[:, None].expand_as(Zp)
-    return tuple(
-        Zp.new_zeros((num_queries, Zp.shape[1])).scatter_reduce(0, seg, Zp, reduce, include_self=False)
-        for reduce in ("amax", "amin")
-    )
+class _PairSums(torch.autograd.Function):
+    """[2Q, C] = sums @ Z for Z [P', C]: both weighted-sum pools of each query in one sparse product."""
+
+    @staticmethod
+    def forward(ctx, Z: Tensor, sums: Tensor, sums_t: Tensor):
+        ctx.sums_t = sums_t
+        return sums @ Z
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return ctx.sums_t @ grad, None, None
+
+
+def _order_key(bits: Tensor) -> Tensor:
+    """int32 float bits -> int32 with the floats' order (and back: the map is its own inverse)."""
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
 class _SegmentExtrema(torch.autograd.Function):
-    """Column-wise max and min of Z's rows over each query's pairs; 0 for a query without pairs.
+    """Column-wise max and min [Q, C] of Z's rows [P', C] over each query's pairs; 0 for a query without pairs.
 
-    The same values as `scatter_reduce(..., include_self=False)`. The backward sends each output
-    element's gradient to one hit row that attains it (any one, on ties) with a [Q, C]
-    scatter, instead of autograd's several [P, C] passes, which took half of a training step.
-    Exact ties (two hits of one query with the same value) are where this differs from an even
-    split; tied rows of a hit net's output come from identical hidden activations, so the
+    Each element is reduced as one int64 key, (order-preserving float bits << 32) | pair row, so
+    one integer scatter gives the value and a row that attains it. The backward sends each output
+    element's gradient to that row with a [Q, C] scatter. Exact ties (two pairs of one query with
+    the same value) go to one row (the highest for max, the lowest for min) where autograd splits
+    them evenly; tied rows of a hit net's output come from identical hidden activations, so the
     parameters' gradients are the same either way.
     """
 
     @staticmethod
-    def forward(ctx, Z: Tensor, Zp: Tensor, hit: Tensor, query: Tensor, num_queries: int):
-        rows = Z.shape[0]
-        outs, args = [], []
-        for out in _extrema(Zp, query, num_queries):
-            pair, col = (Zp == out[query]).nonzero(as_tuple=True)  # about Q*C elements attain
-            arg = torch.full(out.shape, rows, dtype=torch.long, device=Z.device)
-            args.append(arg.index_put_((query[pair], col), hit[pair]))
-            outs.append(out)
-        ctx.save_for_backward(*args)
-        ctx.rows = rows
+    def forward(ctx, Z: Tensor, query: Tensor, num_queries: int):
+        P, C = Z.shape
+        key = _order_key(Z.contiguous().view(torch.int32)).to(torch.int64)
+        key.bitwise_left_shift_(32).bitwise_or_(torch.arange(P, device=Z.device)[:, None])
+        index = query[:, None].expand(P, C)
+        has_pairs = torch.zeros(num_queries, 1, dtype=torch.bool, device=Z.device)
+        has_pairs[query] = True
+        outs, rows = [], []
+        for reduce, bound in (("amax", -math.inf), ("amin", math.inf)):
+            empty = int(_order_key(torch.tensor([bound]).view(torch.int32))) << 32 | P  # -> row P, dropped
+            k = torch.full((num_queries, C), empty, dtype=torch.int64, device=Z.device)
+            k.scatter_reduce_(0, index, key, reduce)
+            value = _order_key((k >> 32).to(torch.int32)).view(torch.float32)
+            outs.append(torch.where(has_pairs, value, 0.0))
+            rows.append(k.bitwise_and_(0xFFFFFFFF))
+        ctx.save_for_backward(*rows)
+        ctx.num_rows = P
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, grad_max: Tensor, grad_min: Tensor):
-        arg_max, arg_min = ctx.saved_tensors
-        grad_z = grad_max.new_zeros((ctx.rows + 1, grad_max.shape[1]))
-        grad_z.scatter_add_(0, arg_max, grad_max).scatter_add_(0, arg_min, grad_min)
-        return grad_z[:-1], None, None, None, None
-
-
-def segment_extrema(Z: Tensor, Zp: Tensor, pairs: PairWeights, num_queries: int) -> tuple[Tensor, Tensor]:
-    """([Q, C], [Q, C]): max and min over each query's pairs of the rows Zp = Z[pairs.hit] (0 without pairs)."""
-    if torch.is_grad_enabled() and Z.requires_grad:
-        return _SegmentExtrema.apply(Z, Zp.detach(), pairs.hit, pairs.query, num_queries)
-    return _extrema(Zp, pairs.query, num_queries)
+        row_max, row_min = ctx.saved_tensors
+        grad_z = grad_max.new_zeros((ctx.num_rows + 1, grad_max.shape[1]))
+        grad_z.scatter_add_(0, row_max, grad_max).scatter_add_(0, row_min, grad_min)
+        return grad_z[:-1], None, None
 
 
 class RegressionHead(nn.Module):
@@ -288,16 +322,12 @@ class RegressionHead(nn.Module):
 
     def features_from_pairs(self, hb: HeadBatch, pairs: PairWeights) -> Tensor:
         """z [Q, 9D] from precomputed pair weights (a sweep computes them once for many heads)."""
-        Q = hb.query_embed.shape[0]
+        Q = pairs.num_queries
         pools = [hb.query_embed]
-        for Z in (self.raw_hit_net(hb.hit_raw), self.encoded_hit_net(hb.hit_embed)):
-            Zp = Z[pairs.hit]
-            base = Zp.new_zeros((Q, Z.shape[1]))
-            pools += [
-                base.index_add(0, pairs.query, pairs.w[:, None] * Zp),
-                base.index_add(0, pairs.query, pairs.wt[:, None] * Zp),
-                *segment_extrema(Z, Zp, pairs, Q),
-            ]
+        for Z in (self.raw_hit_net(pairs.raw), self.encoded_hit_net(pairs.embed)):
+            Z = Z.float()  # under autocast the hit nets may give bfloat16; the pools are float32
+            sums = _PairSums.apply(Z, pairs.sums, pairs.sums_t)
+            pools += [sums[:Q], sums[Q:], *_SegmentExtrema.apply(Z, pairs.query, Q)]
         return torch.cat(pools, dim=-1)
 
     def features_dense(

@@ -25,6 +25,7 @@ from cachefeat.model.metrics import event_metrics, summarize
 from cachefeat.training.accel import (
     MetricsLog,
     TrainState,
+    adamw,
     load_last_checkpoint,
     make_accelerator,
     optimizer_step,
@@ -188,7 +189,7 @@ def pretrain(config: dict, train_path, val_path, run_dir, *, epochs: int | None 
     steps_per_epoch = len(bucketed_batches(train.hit_counts, settings["batch_size"], seed=0)) // world
     if steps_per_epoch == 0:
         raise ValueError("training file has fewer events than one global batch")
-    optimizer = torch.optim.AdamW(step.parameters(), lr=settings["lr"], weight_decay=settings["weight_decay"])
+    optimizer = adamw(step.parameters(), settings["lr"], settings["weight_decay"])
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=settings["lr"],
                                                     total_steps=settings["epochs"] * steps_per_epoch)
     # The scheduler stays outside prepare(): a prepared one advances once per process per step.

@@ -372,6 +372,7 @@ def sweep(config: dict, run_dir, *, cache, val_cache, max_epochs: int | None = N
 
 def _build_run(variant: Variant, reader, first: HeadBatch, total_steps: int, accelerator, run_dir: Path) -> _Run:
     """A variant's head, optimizer and schedule, built and prepared exactly as `train(...)` does."""
+    from cachefeat.training.accel import adamw
     from cachefeat.training.train import DEFAULTS, build_head
 
     own = section(variant.config, "train", DEFAULTS)
@@ -383,7 +384,7 @@ def _build_run(variant: Variant, reader, first: HeadBatch, total_steps: int, acc
         raise UserError(f"variant {variant.name}: head.assignment_threshold {head.assignment_threshold} is "
                         f"below the cache floor {floor}: pairs between them were not stored")
     head.fit_scaling(first.targets, first.target_valid)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=own["lr"], weight_decay=own["weight_decay"])
+    optimizer = adamw(head.parameters(), own["lr"], own["weight_decay"])
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=own["lr"], total_steps=max(total_steps, 1) + 1)
     model, optimizer = accelerator.prepare(VariantHead(head), optimizer)  # the scheduler stays out, as in train
     return _Run(variant, head, model, optimizer, scheduler, RngStream(own["seed"], accelerator.device),

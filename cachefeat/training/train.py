@@ -26,6 +26,7 @@ from cachefeat.model.metrics import summarize
 from cachefeat.training.accel import (
     MetricsLog,
     TrainState,
+    adamw,
     load_last_checkpoint,
     make_accelerator,
     optimizer_step,
@@ -244,7 +245,7 @@ def train(config: dict, run_dir, *, source: str = "cache", cache=None, val_cache
     steps_per_epoch = train_source.num_batches(0)
     if steps_per_epoch == 0:
         raise UserError(f"fewer training events than one global batch of {settings['batch_size'] * world}")
-    optimizer = torch.optim.AdamW(head.parameters(), lr=settings["lr"], weight_decay=settings["weight_decay"])
+    optimizer = adamw(head.parameters(), settings["lr"], settings["weight_decay"])
     total_steps = sum(train_source.num_batches(e) for e in range(settings["epochs"]))
     total_steps //= settings["gradient_accumulation_steps"]
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=settings["lr"],
