@@ -31,11 +31,14 @@ F32_SCALED_ATOL = 1e-5
 def assert_close_f32(a, b, msg=""):
     scale = max(1.0, float(a.detach().abs().max())) if a.numel() else 1.0
     torch.testing.assert_close(a, b, rtol=F32_RTOL, atol=max(F32_ATOL, F32_SCALED_ATOL * scale), msg=msg)
-# The loss curves agree to float32 rounding; the weights too, with the magnitude-scaled term
-# above: Adam normalises each update, so an element whose gradient is near zero can move by a
-# visible fraction of the learning rate on a last-bit difference (measured: 3.3e-6 on one of
-# 53,684 weights after 50 steps, weights up to ~0.5).
-TRAJECTORY_RTOL = 1e-5
+# Training amplifies the features' last-bit differences: Adam normalises each update, so an
+# element whose gradient is near zero can move by a visible fraction of the learning rate on a
+# last-bit difference, and the loss differences grow like a random walk with alternating signs.
+# Measured over 50 steps (lr 1e-3) with train seeds 1-4: step losses within 1.05e-5 relative
+# (seed 1; 1.4e-6 or less for the others), weights within 2.7e-5 of max(1, |largest weight|)
+# (seed 1; 7.8e-6 or less). A wrong feature or target moves losses by 1e-3 or more.
+TRAJECTORY_RTOL = 3e-5
+TRAJECTORY_WEIGHT_ATOL = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -146,10 +149,10 @@ def test_head_outputs_and_gradients_cached_equal_live(cache32, frozen, events, m
     head = _head(muon_config, cache32, dropout=0.2)
     head.fit_scaling(cached.targets, cached.target_valid)
     head.train()
-    torch.manual_seed(11)
+    streams = {k: v.clone() for k, v in head.state_dict().items() if k.endswith("stream")}  # dropout streams
     pred_c = head(cached)
     loss_c, g_c = _grads(head, pred_c, cached)
-    torch.manual_seed(11)
+    head.load_state_dict(streams, strict=False)  # the live forward draws the same dropout masks
     pred_l = head(live)
     loss_l, g_l = _grads(head, pred_l, live)
     assert_close_f32(pred_c, pred_l)
@@ -173,4 +176,6 @@ def test_training_trajectory_cached_equals_live(cache32, val_cache32, muon_confi
     w_cached = load_checkpoint(tmp_path / "cached" / "head.ckpt")["state_dict"]
     w_live = load_checkpoint(tmp_path / "live" / "head.ckpt")["state_dict"]
     for name in w_cached:
-        assert_close_f32(w_cached[name], w_live[name], msg=lambda m, name=name: f"{name}: {m}")
+        scale = max(1.0, float(w_cached[name].abs().max()))
+        torch.testing.assert_close(w_cached[name], w_live[name], rtol=TRAJECTORY_RTOL,
+                                   atol=TRAJECTORY_WEIGHT_ATOL * scale, msg=lambda m, name=name: f"{name}: {m}")

@@ -40,6 +40,9 @@ def add_parser(sub) -> None:
     p.add_argument("--allow-stale", action="store_true",
                    help="train on a cache whose fingerprint does not match (with a warning)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("--workers", type=int,
+                   help="threads stepping the variants side by side (one CPU process only; default: torch's "
+                   "thread count, e.g. the cores, at most one per variant)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted config override of the base config, e.g. --set train.epochs=5 (repeatable)")
     p.set_defaults(func=run)
@@ -52,7 +55,7 @@ def run(args) -> int:
     config = load_config(args.config, args.set)
     if "sweep" not in config:
         raise UserError(f"config {args.config} has no sweep block (see `cachefeat sweep --help`)")
-    for name in ("max_epochs", "batch_size", "max_steps"):
+    for name in ("max_epochs", "batch_size", "max_steps", "workers"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -61,5 +64,5 @@ def run(args) -> int:
         raise UserError(f"{out} already holds a sweep; choose another --output")
     sweep(config, out, cache=args.cache, val_cache=args.val_cache, max_epochs=args.max_epochs,
           batch_size=args.batch_size, data_mode=args.data, device=args.device, max_steps=args.max_steps,
-          allow_stale=args.allow_stale)
+          allow_stale=args.allow_stale, workers=args.workers)
     return 0

@@ -42,11 +42,51 @@ def hit_net(in_dim: int, dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU(), nn.Linear(dim, dim))
 
 
+class StreamDropout(nn.Module):
+    """Inverted dropout whose masks come from the layer's own stream, not torch's global RNG.
+
+    The k-th mask drawn in training mode depends on (seed, k) only. `stream` (int64 [2]: seed,
+    masks drawn) is a buffer, saved with the weights: a resumed or reloaded head continues its
+    stream, and heads trained side by side (a sweep's threads) draw independently of each other.
+    The seed comes from torch's global RNG at construction, which `build_head` seeds.
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self.register_buffer("stream", torch.tensor([int(torch.randint(0, 2**62, ())), 0]))
+        self._next: list[int] | None = None  # `stream` on the host: no device sync per mask
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if self._next is None:
+            self._next = self.stream.tolist()
+        seed, k = self._next
+        generator = torch.Generator(device=x.device)
+        generator.manual_seed((seed + k * 0x9E3779B97F4A7C15) % 2**63)
+        self._next = [seed, k + 1]
+        self.stream[1] = k + 1
+        keep = torch.rand(x.shape, generator=generator, device=x.device) >= self.p
+        return x * keep / (1.0 - self.p)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        self._next = None
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if prefix + "stream" in missing_keys:  # a head saved before the layer had a stream: keep the fresh one
+            missing_keys.remove(prefix + "stream")
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 def regression_mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, dropout: float) -> nn.Sequential:
-    """(Linear -> ReLU -> LayerNorm -> Dropout) x (num_layers - 1) -> Linear(out_dim)."""
+    """(Linear -> ReLU -> LayerNorm -> StreamDropout) x (num_layers - 1) -> Linear(out_dim)."""
     layers: list[nn.Module] = []
     for _ in range(num_layers - 1):
-        layers += [nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.LayerNorm(hidden_dim), nn.Dropout(dropout)]
+        layers += [nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.LayerNorm(hidden_dim), StreamDropout(dropout)]
         in_dim = hidden_dim
     layers.append(nn.Linear(in_dim, out_dim))
     return nn.Sequential(*layers)

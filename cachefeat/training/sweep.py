@@ -19,15 +19,19 @@ its dropout stream only. A grid variant is named after its values (`hidden_dim64
 a listed one by its `name`.
 
 Each batch is read, gathered, moved to the device and widened once, and its pair weights
-(sigmoid of the pair logits, the threshold mask, the per-query normalisation) are computed once
-per distinct threshold; then every variant takes its own step on it, with its own parameters,
-AdamW optimizer, OneCycle schedule and dropout RNG stream. So a variant ends with the same weights
+(sigmoid of the pair logits, the threshold mask, the per-query normalisation, the pairs' hit
+features and the sparse weight matrices) are computed once per distinct threshold; then every
+variant takes its own step on it, with its own parameters, AdamW optimizer, OneCycle schedule and
+dropout streams (`StreamDropout`, not torch's global RNG). So a variant ends with the same weights
 and per-step losses as `train(...)` run alone on its config (with the sweep's event order).
-Variants are not stacked into batched kernels: on CPU the per-variant pooling reductions, more
-than half of a step, cost the same per column whether run one variant at a time or side by side.
+Variants are not stacked into batched kernels: on CPU a stacked [P, K*D] pool streams through
+main memory where K separate [P, D] pools stay in cache, and measured no faster.
 
-Under `accelerate launch` every variant is data-parallel over the same processes (each prepared
-with the one Accelerator). Writes RUN_DIR/<variant>/{head.ckpt, metrics.json, metrics.csv,
+In one CPU process the variants' steps (and validations) run on `workers` threads, each with
+an equal share of torch's intra-op threads (default: one worker per torch thread, at most one per
+variant). Under `accelerate launch` every variant is data-parallel over the same processes (each
+prepared with the one Accelerator) and the variants step one after another, so that every rank
+issues its collectives in the same order. Writes RUN_DIR/<variant>/{head.ckpt, metrics.json, metrics.csv,
 config.json} as `cachefeat train` does (no accelerate checkpoints: a sweep cannot be resumed),
 and RUN_DIR/sweep.csv, sweep.json and sweep_val_loss.png (matplotlib) with one row per variant,
 best first.
@@ -43,6 +47,7 @@ import logging
 import math
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,48 +190,15 @@ class VariantHead(nn.Module):
         return self.head.particle_fields
 
 
-class RngStream:
-    """A private copy of torch's global RNG (CPU, and the CUDA device's when `device` is CUDA).
-
-    Starts as `torch.manual_seed(seed)` leaves it; `active()` swaps it in and back out, so a
-    variant's dropout draws the stream a run of its own would draw.
-    """
-
-    def __init__(self, seed: int, device):
-        device = torch.device(device)
-        self.cuda = device if device.type == "cuda" else None
-        torch.manual_seed(seed)
-        self.state = self._get()
-
-    def _get(self):
-        return torch.get_rng_state(), (torch.cuda.get_rng_state(self.cuda) if self.cuda else None)
-
-    def _set(self, state) -> None:
-        torch.set_rng_state(state[0])
-        if self.cuda:
-            torch.cuda.set_rng_state(state[1], self.cuda)
-
-    @contextmanager
-    def active(self):
-        outer = self._get()
-        self._set(self.state)
-        try:
-            yield
-        finally:
-            self.state = self._get()
-            self._set(outer)
-
-
 @dataclass
 class _Run:
-    """A variant being trained: its prepared model, optimizer and schedule, RNG stream and history."""
+    """A variant being trained: its prepared model, optimizer and schedule, and history."""
 
     variant: Variant
     head: nn.Module
     model: nn.Module
     optimizer: object
     scheduler: object
-    rng: RngStream
     run_dir: Path
     seconds: float = 0.0
     step_losses: list = field(default_factory=list)
@@ -238,25 +210,26 @@ class _Run:
 
 def sweep(config: dict, run_dir, *, cache, val_cache, max_epochs: int | None = None, batch_size: int | None = None,
           data_mode: str = "auto", device: str | None = None, max_steps: int | None = None,
-          allow_stale: bool = False) -> list[dict]:
+          allow_stale: bool = False, workers: int | None = None) -> list[dict]:
     """Train every variant of the config's sweep block over the cache in one pass; returns the result rows.
 
     Rows (best first by sweep.metric) hold the variant's name, its swept values, the best value
     of the metric and its epoch, the best val loss, the resolution of each target at the best
     epoch (the 68% half-width: relative for pt; charge accuracy for q), epochs and steps done
     and train_s (host seconds in the variant's own steps and evaluation).
-    max_steps stops after that many optimizer steps (tests). Other arguments as `train(...)`.
+    max_steps stops after that many optimizer steps (tests). workers: threads that step the
+    variants in one CPU process (default: torch's intra-op thread count, at most one per variant;
+    always 1 on CUDA and under several processes). Other arguments as `train(...)`.
     """
     from cachefeat.cache.reader import CacheReader
     from cachefeat.model.metrics import summarize
-    from cachefeat.training.accel import MetricsLog, make_accelerator
+    from cachefeat.training.accel import make_accelerator
     from cachefeat.training.sources import CacheMemorySource, CacheStreamSource, cache_fits_memory
     from cachefeat.training.train import (
         DEFAULTS,
         SCALING_EVENTS,
         check_cache,
         evaluate_batches,
-        save_head_files,
         validation_batches,
     )
 
@@ -312,8 +285,32 @@ def sweep(config: dict, run_dir, *, cache, val_cache, max_epochs: int | None = N
             run.run_dir.mkdir(parents=True, exist_ok=True)
             (run.run_dir / "config.json").write_text(json.dumps(run.variant.config, indent=1, default=str))
     thresholds = sorted({run.head.assignment_threshold for run in runs})
+    workers = _worker_count(workers, len(runs), accelerator)
     accelerator.print(f"sweep: {len(runs)} variants over {reader.num_events:,} training events "
-                      f"({data_mode}), {len(thresholds)} assignment threshold(s)")
+                      f"({data_mode}), {len(thresholds)} assignment threshold(s), {workers} worker thread(s)")
+    with _variant_pool(workers) as pool:
+        _sweep_epochs(runs, source, settings, steps_per_epoch, thresholds, val_batches, frozen, reader, accelerator,
+                      pool, max_steps, world)
+    accelerator.wait_for_everyone()
+
+    rows = results_table(runs, sweep_conf)
+    if accelerator.is_main_process:
+        write_results(run_dir, rows, runs, sweep_conf, {**settings, "data_mode": data_mode},
+                      time.perf_counter() - started)
+    accelerator.print(format_table(rows))
+    accelerator.print(f"sweep of {len(runs)} variants in {time.perf_counter() - started:.1f} s: "
+                      f"{run_dir / 'sweep.csv'}, sweep.json, sweep_val_loss.png")
+    accelerator.end_training()
+    return rows
+
+
+def _sweep_epochs(runs: list[_Run], source, settings: dict, steps_per_epoch: int, thresholds: list[float],
+                  val_batches: list, frozen: dict, reader, accelerator, pool, max_steps: int | None,
+                  world: int) -> None:
+    """The training loop: every batch steps every variant; after each epoch each variant is validated
+    and its head and metrics are written."""
+    from cachefeat.training.accel import MetricsLog
+    from cachefeat.training.train import evaluate_batches, save_head_files
 
     epoch, global_step, done = 0, 0, False
     while epoch < settings["epochs"] and not done:
@@ -327,7 +324,7 @@ def sweep(config: dict, run_dir, *, cache, val_cache, max_epochs: int | None = N
                    disable=not accelerator.is_local_main_process)
         for hb in source.batches(epoch):
             hb = hb.to(accelerator.device).float()
-            step_losses = _train_step(runs, hb, thresholds, accelerator, settings["grad_clip"])
+            step_losses = _train_step(runs, hb, thresholds, accelerator, settings["grad_clip"], pool)
             for i, (run, value) in enumerate(zip(runs, step_losses)):
                 run.step_losses.append(value)
                 loss_sums[i] += value
@@ -345,10 +342,8 @@ def sweep(config: dict, run_dir, *, cache, val_cache, max_epochs: int | None = N
         elapsed = time.perf_counter() - start
         if not done:
             epoch += 1
-        for i, run in enumerate(runs):
-            t0 = time.perf_counter()
-            val = evaluate_batches(run.model, val_batches, accelerator)
-            run.seconds += time.perf_counter() - t0
+        vals = _each_variant(pool, runs, lambda run: evaluate_batches(run.model, val_batches, accelerator))
+        for i, (run, val) in enumerate(zip(runs, vals)):
             last = {"epoch": epoch, "step": global_step, "train_loss": loss_sums[i] / max(n_steps, 1),
                     "events_per_s": n_events / max(elapsed, 1e-9), "lr": run.scheduler.get_last_lr()[0],
                     **val, **frozen}
@@ -358,16 +353,6 @@ def sweep(config: dict, run_dir, *, cache, val_cache, max_epochs: int | None = N
             MetricsLog(run.run_dir, accelerator, run.variant.name, {}, track=False).write(run.history)
             if accelerator.is_main_process:
                 save_head_files(run.run_dir, run.head, run.variant.config, reader.fingerprint, last, None)
-    accelerator.wait_for_everyone()
-    rows = results_table(runs, sweep_conf)
-    if accelerator.is_main_process:
-        write_results(run_dir, rows, runs, sweep_conf, {**settings, "data_mode": data_mode},
-                      time.perf_counter() - started)
-    accelerator.print(format_table(rows))
-    accelerator.print(f"sweep of {len(runs)} variants in {time.perf_counter() - started:.1f} s: "
-                      f"{run_dir / 'sweep.csv'}, sweep.json, sweep_val_loss.png")
-    accelerator.end_training()
-    return rows
 
 
 def _build_run(variant: Variant, reader, first: HeadBatch, total_steps: int, accelerator, run_dir: Path) -> _Run:
@@ -387,26 +372,68 @@ def _build_run(variant: Variant, reader, first: HeadBatch, total_steps: int, acc
     optimizer = adamw(head.parameters(), own["lr"], own["weight_decay"])
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=own["lr"], total_steps=max(total_steps, 1) + 1)
     model, optimizer = accelerator.prepare(VariantHead(head), optimizer)  # the scheduler stays out, as in train
-    return _Run(variant, head, model, optimizer, scheduler, RngStream(own["seed"], accelerator.device),
-                Path(run_dir) / variant.name)
+    return _Run(variant, head, model, optimizer, scheduler, Path(run_dir) / variant.name)
 
 
-def _train_step(runs: list[_Run], hb: HeadBatch, thresholds: list[float], accelerator, grad_clip: float) -> list:
+def _worker_count(requested: int | None, num_variants: int, accelerator) -> int:
+    """Threads that step the variants: 1 on CUDA and under several processes, else `requested`
+    (default torch's intra-op thread count), at most one per variant."""
+    if requested is not None and requested < 1:
+        raise UserError(f"--workers must be at least 1, got {requested}")
+    if accelerator.num_processes > 1 or accelerator.device.type != "cpu":
+        return 1
+    return max(1, min(requested or torch.get_num_threads(), num_variants))
+
+
+@contextmanager
+def _variant_pool(workers: int):
+    """A thread pool of `workers` threads sharing torch's intra-op threads equally (None for 1 worker);
+    torch's thread count is restored afterwards."""
+    if workers == 1:
+        yield None
+        return
+    threads = torch.get_num_threads()
+    share = max(1, threads // workers)
+    torch.set_num_threads(share)
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="sweep",
+                                initializer=torch.set_num_threads, initargs=(share,)) as pool:
+            yield pool
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _each_variant(pool, runs: list[_Run], work) -> list:
+    """work(run) for every run, on the pool's threads when there is a pool; results in run order.
+    The host seconds of each call are added to its run's `seconds`."""
+    def timed(run):
+        start = time.perf_counter()
+        try:
+            return work(run)
+        finally:
+            run.seconds += time.perf_counter() - start
+
+    if pool is None:
+        return [timed(run) for run in runs]
+    return list(pool.map(timed, runs))
+
+
+def _train_step(runs: list[_Run], hb: HeadBatch, thresholds: list[float], accelerator, grad_clip: float,
+                pool) -> list:
     """One optimizer step of every variant on the batch `hb`; returns their losses (mean over ranks)."""
     from cachefeat.training.accel import optimizer_step
     from cachefeat.training.train import global_mean_loss
 
     pairs = {tau: pair_weights(hb, tau) for tau in thresholds}
-    losses = []
+
+    def step(run: _Run) -> Tensor:
+        pred = run.model(hb, pairs[run.head.assignment_threshold])
+        loss = global_mean_loss(run.head.loss(pred, hb), hb, accelerator)
+        optimizer_step(accelerator, run.model, loss, run.optimizer, run.scheduler, grad_clip)
+        return loss.detach()
+
     with accelerator.accumulate(*[run.model for run in runs]):
-        for run in runs:
-            start = time.perf_counter()
-            with run.rng.active():
-                pred = run.model(hb, pairs[run.head.assignment_threshold])
-            loss = global_mean_loss(run.head.loss(pred, hb), hb, accelerator)
-            optimizer_step(accelerator, run.model, loss, run.optimizer, run.scheduler, grad_clip)
-            losses.append(loss.detach())
-            run.seconds += time.perf_counter() - start
+        losses = _each_variant(pool, runs, step)
     return accelerator.gather(torch.stack(losses)[None]).mean(0).tolist()
 
 

@@ -253,7 +253,6 @@ def train(config: dict, run_dir, *, source: str = "cache", cache=None, val_cache
     # The scheduler stays outside prepare(): a prepared one advances once per process per step,
     # so 2 processes would follow another learning-rate curve than 1 process on the same batches.
     head, optimizer = accelerator.prepare(head, optimizer)
-    torch.manual_seed(settings["seed"])  # the dropout stream starts here, whatever the source did before
     state = TrainState()
     accelerator.register_for_checkpointing(state)
     accelerator.register_for_checkpointing(scheduler)

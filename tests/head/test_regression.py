@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from cachefeat.errors import UserError
 from cachefeat.head.inputs import HeadBatch, from_model_outputs
-from cachefeat.head.regression import RegressionHead, dense_inputs
+from cachefeat.head.regression import RegressionHead, StreamDropout, dense_inputs
 
 RAW = ["x", "y", "z", "r"]
 PARTICLE = ["pt", "eta", "phi", "q", "vz"]
@@ -168,16 +168,37 @@ def test_dropout_same_seed_same_outputs_and_grads():
     outputs, batch, target_index = make_padded(6)
     hb = from_model_outputs(outputs, batch, target_index, 0.05, RAW, PARTICLE)
     leaves = (outputs["hit_embed"], outputs["query_embed"])
-    torch.manual_seed(123)
+    start = {k: v.clone() for k, v in head.state_dict().items() if k.endswith("stream")}  # dropout streams
     sparse = head.forward_sparse(hb)
-    torch.manual_seed(123)
+    head.load_state_dict(start, strict=False)  # back to the same point of the streams
     dense = head.forward_dense(*dense_args(outputs, batch)).flatten(0, 1)
     close(sparse, dense)
-    torch.manual_seed(124)
-    other = head.forward_sparse(hb)
+    other = head.forward_sparse(hb)  # the streams' next masks
     assert not torch.allclose(sparse, other)  # dropout is really on
+    head.load_state_dict(start, strict=False)
+    torch.manual_seed(5)
+    again = head.forward_sparse(hb)
+    torch.manual_seed(6)
+    assert torch.equal(again, sparse) and torch.equal(head.forward_sparse(hb), other)  # not the global RNG
     for gs, gd in zip(grads(sparse, head, leaves), grads(dense, head, leaves)):
         close_grad(gs, gd)
+
+
+def test_stream_dropout_rate_scale_and_continuation():
+    """Masks drop a fraction p and scale the rest by 1/(1-p); a layer loaded from another's
+    state continues that layer's stream (the next masks are equal), whatever its own seed."""
+    torch.manual_seed(0)
+    layer = StreamDropout(0.3).train()
+    x = torch.ones(400, 500)
+    first = layer(x)
+    assert first.unique().tolist() == pytest.approx([0.0, 1 / 0.7])
+    assert (first == 0).float().mean().item() == pytest.approx(0.3, abs=0.005)  # 200k Bernoulli draws
+    torch.manual_seed(1)
+    other = StreamDropout(0.3).train()
+    assert not torch.equal(other(x), first)  # another seed, another stream
+    other.load_state_dict(layer.state_dict())
+    assert torch.equal(other(x), layer(x))
+    assert torch.equal(layer.eval()(x), x)
 
 
 @settings(max_examples=25, deadline=None, derandomize=True, database=None)

@@ -62,9 +62,21 @@ def test_bad_sweep_blocks_are_refused(muon_config, block, message):
         sweep_variants(_config(muon_config, block))
 
 
-def test_each_variant_equals_its_separate_run(muon_config, cache32, val_cache32, tmp_path, monkeypatch):
+@pytest.fixture
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_each_variant_equals_its_separate_run(muon_config, cache32, val_cache32, tmp_path, monkeypatch, workers,
+                                              one_torch_thread):
     """3 variants of 3 shapes (2 thresholds, another seed), dropout on, across an epoch boundary: the
-    per-step losses, validation history and final weights equal `train(...)` alone, bit for bit."""
+    per-step losses, validation history and final weights equal `train(...)` alone, bit for bit, with
+    the variants stepped one after another or on 2 threads. One torch thread throughout: a variant's
+    arithmetic (e.g. a matmul's split-K) may round differently with another intra-op thread count."""
     block = {
         "grid": {"head.init_args.hidden_dim": [16, 40]},
         "variants": [{"name": "deep", "head.init_args.num_layers": 4, "head.init_args.assignment_threshold": 0.3,
@@ -75,7 +87,7 @@ def test_each_variant_equals_its_separate_run(muon_config, cache32, val_cache32,
     config["head"]["init_args"]["dropout"] = 0.2
     steps = 6  # 160 events / 32 = 5 steps per epoch
     sweep(config, tmp_path / "sweep", cache=cache32.path, val_cache=val_cache32.path, data_mode="memory",
-          device="cpu", max_steps=steps)
+          device="cpu", max_steps=steps, workers=workers)
     report = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
 
     # The sweep's event order comes from the base seed: the separate run of "deep" must use it too.
