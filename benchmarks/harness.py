@@ -367,7 +367,7 @@ def build_loop(mode: str, settings: BenchSettings, data: BenchData) -> TrainLoop
     clip = train_settings["grad_clip"]
 
     def step(hb) -> None:  # the body of train.py's training loop
-        hb = hb.to(device).float()
+        hb = hb.to(device).float().with_valid_targets_only()
         with accelerator.accumulate(head):
             loss = global_mean_loss(module.loss(head(hb), hb), hb, accelerator)
             optimizer_step(accelerator, head, loss, optimizer, scheduler, clip)

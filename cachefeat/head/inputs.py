@@ -69,6 +69,32 @@ class HeadBatch:
         """A copy; made outside `torch.inference_mode()` it holds normal tensors autograd can use."""
         return replace(self, **{f.name: getattr(self, f.name).clone() for f in fields(self)})
 
+    def with_valid_targets_only(self) -> HeadBatch:
+        """The batch restricted to the queries with a valid target, with their pairs (hit rows kept).
+
+        The loss reads only these queries, so the loss and its gradients equal the full batch's:
+        a trainer can skip the other queries' pairs and MLP rows.
+        """
+        keep = self.target_valid.bool()
+        if bool(keep.all()):
+            return self
+        row = torch.cumsum(keep.long(), 0) - 1
+        pair_keep = keep[self.pair_query]
+        counts = torch.bincount(self.query_event()[keep], minlength=self.num_events)
+        return replace(
+            self,
+            query_offsets=torch.cat([counts.new_zeros(1), counts.cumsum(0)]),
+            query_embed=self.query_embed[keep],
+            query_valid_logit=self.query_valid_logit[keep],
+            query_slot=self.query_slot[keep],
+            target_index=self.target_index[keep],
+            targets=self.targets[keep],
+            target_valid=self.target_valid[keep],
+            pair_query=row[self.pair_query[pair_keep]],
+            pair_hit=self.pair_hit[pair_keep],
+            pair_logit=self.pair_logit[pair_keep],
+        )
+
     def float(self) -> HeadBatch:
         """Embeddings as float32 (a float16/bfloat16 cache is widened here, on the device)."""
         return replace(self, hit_embed=self.hit_embed.float(), query_embed=self.query_embed.float())

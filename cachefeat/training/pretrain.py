@@ -69,7 +69,7 @@ class Stage1Step(nn.Module):
         if self.head is not None:
             target_index = self.backbone.match(outputs, batch)
             hb = from_model_outputs(outputs, batch, target_index, self.head.assignment_threshold,
-                                    self.raw_fields, self.particle_fields)
+                                    self.raw_fields, self.particle_fields).with_valid_targets_only()
             head_loss = self.head.loss(self.head(hb), hb)
             parts["head"] = float(head_loss.detach())
             loss = loss + self.head_loss_weight * head_loss

@@ -323,7 +323,7 @@ def _sweep_epochs(runs: list[_Run], source, settings: dict, steps_per_epoch: int
         bar = tqdm(total=steps_per_epoch, unit="batch", leave=False, desc=f"epoch {epoch + 1}/{settings['epochs']}",
                    disable=not accelerator.is_local_main_process)
         for hb in source.batches(epoch):
-            hb = hb.to(accelerator.device).float()
+            hb = hb.to(accelerator.device).float().with_valid_targets_only()  # all the loss reads
             step_losses = _train_step(runs, hb, thresholds, accelerator, settings["grad_clip"], pool)
             for i, (run, value) in enumerate(zip(runs, step_losses)):
                 run.step_losses.append(value)

@@ -275,7 +275,7 @@ def train(config: dict, run_dir, *, source: str = "cache", cache=None, val_cache
                    desc=f"epoch {state.epoch + 1}/{settings['epochs']}",
                    disable=not accelerator.is_local_main_process)
         for hb in train_source.batches(state.epoch, start=state.step_in_epoch):
-            hb = hb.to(accelerator.device).float()
+            hb = hb.to(accelerator.device).float().with_valid_targets_only()  # all the loss reads
             with accelerator.accumulate(head):
                 loss = global_mean_loss(module.loss(head(hb), hb), hb, accelerator)
                 optimizer_step(accelerator, head, loss, optimizer, scheduler, settings["grad_clip"])

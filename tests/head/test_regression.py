@@ -163,6 +163,28 @@ def test_only_matched_queries_kept_gives_padded_query_counts():
     close(head(hb), sparse)
 
 
+def test_valid_targets_only_keeps_the_loss_and_its_gradients():
+    """Dropping the queries without a valid target (and their pairs) leaves the predictions of the
+    others, the loss and every gradient as on the full batch (the dense head on the full padded
+    outputs is the reference)."""
+    head = make_head(4, tau=0.2)
+    outputs, batch, target_index = make_padded(4, B=4, N=4, hit_counts=[12, 5, 0, 9])
+    hb = from_model_outputs(outputs, batch, target_index, 0.1, RAW, PARTICLE)
+    sub = hb.with_valid_targets_only()
+    valid = hb.target_valid
+    assert 0 < int(valid.sum()) < valid.numel() and sub.pair_logit.numel() < hb.pair_logit.numel()
+    assert sub.query_offsets.diff().tolist() == [int(v.sum()) for v in valid.split(hb.query_offsets.diff().tolist())]
+    leaves = (outputs["hit_embed"], outputs["query_embed"])
+    dense = head.forward_dense(*dense_args(outputs, batch)).flatten(0, 1)
+    close(head(sub), dense[valid])
+    full_loss, sub_loss = head.loss(dense, hb), head.loss(head(sub), sub)
+    close(sub_loss, full_loss)
+    params = list(head.parameters())
+    for gs, gd in zip(torch.autograd.grad(sub_loss, params + list(leaves), allow_unused=True),
+                      torch.autograd.grad(full_loss, params + list(leaves), allow_unused=True)):
+        close_grad(gs, gd)
+
+
 def test_dropout_same_seed_same_outputs_and_grads():
     head = make_head(6, dropout=0.3).train()
     outputs, batch, target_index = make_padded(6)
