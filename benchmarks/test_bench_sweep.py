@@ -9,6 +9,10 @@ threads (one torch thread each); the separate runs are timed with 1 and with COR
 and the faster setting is the baseline. On CUDA both use the benchmark's thread setting (the
 sweep's variants then step one after another).
 
+To show where the time goes, each round also runs the sweep with 1 worker and 1 torch thread:
+the variants' own host seconds (steps and validations) against the rest (shared work) give the
+best a sweep on CORES cores could do, `ideal_sweep_s` = shared + own / CORES.
+
 Summary keys: `sweep_k8_vs_separate` = time(8 separate cached runs) / time(sweep) and
 `sweep_k8_vs_live` = time(8 live frozen runs) / time(sweep), with medians over ROUNDS rounds
 (sweep and separate runs alternate within a round). The live time is ONE live frozen run of the
@@ -49,6 +53,13 @@ def _timed(threads: int, fn, *args, **kwargs) -> float:
         torch.set_num_threads(before)
 
 
+def _ideal(serial_s: list, serial_own_s: list, single_s: float) -> dict:
+    """The best sweep time CORES cores allow: the serial sweep's shared part + its variant part / CORES."""
+    own, total = statistics.median(serial_own_s), statistics.median(serial_s)
+    ideal = (total - own) + own / CORES
+    return {"serial_shared_s": total - own, "ideal_sweep_s": ideal, "ideal_over_single_run": ideal / single_s}
+
+
 def test_sweep_k8_vs_separate_and_live(bench_settings, bench_data, results, tmp_path):
     config = copy.deepcopy(bench_settings.load_config())
     config["train"].update(epochs=EPOCHS, batch_size=bench_settings.batch_size)
@@ -61,7 +72,7 @@ def test_sweep_k8_vs_separate_and_live(bench_settings, bench_data, results, tmp_
     sweep_threads = CORES if cpu else 0
     separate_threads = sorted({1, CORES}) if cpu else [0]
 
-    sweep_s, own_s = [], []
+    sweep_s, own_s, serial_s, serial_own_s = [], [], [], []
     separate_s = {t: [] for t in separate_threads}
     single_s = {t: [] for t in separate_threads}
     for r in range(ROUNDS):
@@ -72,6 +83,10 @@ def test_sweep_k8_vs_separate_and_live(bench_settings, bench_data, results, tmp_
                 rows = json.loads((tmp_path / f"sweep-{r}" / "sweep.json").read_text())["rows"]
                 assert len(rows) == len(variants)
                 own_s.append(sum(row["train_s"] for row in rows))
+                if cpu:
+                    serial_s.append(_timed(1, sweep, config, tmp_path / f"serial-{r}", **common, workers=1))
+                    rows = json.loads((tmp_path / f"serial-{r}" / "sweep.json").read_text())["rows"]
+                    serial_own_s.append(sum(row["train_s"] for row in rows))
                 continue
             for threads in separate_threads:
                 times = [_timed(threads, train, v.config, tmp_path / f"alone-{r}-{threads}" / v.name, **common)
@@ -95,9 +110,12 @@ def test_sweep_k8_vs_separate_and_live(bench_settings, bench_data, results, tmp_
         "sweep_s": sweep_s, "separate_8_s_by_threads": separate_s, "single_run_s_by_threads": single_s,
         "separate_best_threads": best, "live_run_s": live_s,
         "sweep_over_single_run": sweep_med / single_med,
+        "serial_sweep_s": serial_s, "serial_variant_s": serial_own_s,
+        **(_ideal(serial_s, serial_own_s, single_med) if cpu else {}),
         "variant_time_over_sweep_wall": statistics.median(o / s for o, s in zip(own_s, sweep_s)),
         "notes": "medians over rounds; separate/single = the faster of the thread settings (0 = the benchmark's); "
                  "live = 1 live frozen run (first variant) x 8; separate and single runs are in-process train() "
                  "calls (no interpreter start-up counted); variant_time_over_sweep_wall = host seconds inside the "
-                 "variants' own steps and validations, summed over worker threads, / sweep wall time",
+                 "variants' own steps and validations, summed over worker threads, / sweep wall time; "
+                 "serial = 1 worker, 1 torch thread; ideal_sweep_s = serial shared part + serial variant part / cores",
     }

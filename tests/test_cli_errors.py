@@ -173,6 +173,8 @@ MISTAKES = {
     "demo-missing-config": ("demo --config {work}/nope.yaml --workdir {work}/demo", "config file not found"),
     "sweep-without-sweep-block": ("sweep --config {config} --cache {cache} --val-cache {cache} --output {work}/sweep",
                                   "has no sweep block"),
+    "sweep-zero-workers": ("sweep --config {config} --cache {cache} --val-cache {cache} --output {work}/sweep "
+                           "--workers 0", "--workers must be at least 1"),
 }
 
 

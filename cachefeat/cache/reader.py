@@ -50,6 +50,7 @@ class CacheReader:
         if not isinstance(path, Store) and not Path(path).is_dir():
             raise UserError(f"no cache at {self._where}")
         self._store, _ = schema.open_store(path, read_only=True)
+        self._arrays: dict = {}  # arrays opened by earlier reads (see schema.read_arrays)
         attrs = schema.node_attributes(self._store, [""])[0]
         if attrs is None or "format_version" not in attrs:
             raise UserError(
@@ -130,7 +131,7 @@ class CacheReader:
 
     def _gather(self, requests: list[tuple[str, slice, str]]) -> list[np.ndarray]:
         """Read (array path, rows, events text) requests concurrently; corruption -> UserError."""
-        results = schema.read_arrays(self._store, [(path, rows) for path, rows, _ in requests])
+        results = schema.read_arrays(self._store, [(path, rows) for path, rows, _ in requests], self._arrays)
         for (path, _, what), result in zip(requests, results):
             if isinstance(result, (ValueError, RuntimeError, OSError)):
                 kind = "checksum mismatch" if "checksum" in str(result) else f"cannot decode ({result})"

@@ -195,11 +195,20 @@ def write_arrays(store: Store, prefix: str, arrays: dict[str, tuple[np.ndarray, 
     sync(_all())
 
 
-def read_arrays(store: Store, requests: list[tuple[str, slice]]) -> list[np.ndarray | Exception]:
-    """Read `(array path, rows)` requests concurrently; a failed read returns its exception."""
+def read_arrays(store: Store, requests: list[tuple[str, slice]],
+                opened: dict | None = None) -> list[np.ndarray | Exception]:
+    """Read `(array path, rows)` requests concurrently; a failed read returns its exception.
+
+    `opened` (path -> array), when given, keeps the opened arrays for the next call: a complete
+    cache does not change, and re-reading each array's metadata was about a quarter of a read.
+    """
 
     async def _read(path, rows):
-        array = await zarr.api.asynchronous.open_array(store=store, path=path, mode="r")
+        array = opened.get(path) if opened is not None else None
+        if array is None:
+            array = await zarr.api.asynchronous.open_array(store=store, path=path, mode="r")
+            if opened is not None:
+                opened[path] = array
         return np.asarray(await array.getitem(rows))
 
     async def _all():

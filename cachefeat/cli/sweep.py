@@ -52,13 +52,13 @@ def run(args) -> int:
     from cachefeat.config import load_config
     from cachefeat.training.sweep import sweep
 
-    config = load_config(args.config, args.set)
-    if "sweep" not in config:
-        raise UserError(f"config {args.config} has no sweep block (see `cachefeat sweep --help`)")
     for name in ("max_epochs", "batch_size", "max_steps", "workers"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    config = load_config(args.config, args.set)
+    if "sweep" not in config:
+        raise UserError(f"config {args.config} has no sweep block (see `cachefeat sweep --help`)")
     out = Path(args.output)
     if (out / "sweep.json").exists():
         raise UserError(f"{out} already holds a sweep; choose another --output")
