@@ -15,6 +15,9 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
+# The fields with one row per query.
+QUERY_FIELDS = ("query_embed", "query_valid_logit", "query_slot", "target_index", "targets", "target_valid")
+
 
 @dataclass
 class HeadBatch:
@@ -52,6 +55,10 @@ class HeadBatch:
     pair_hit: Tensor
     pair_logit: Tensor
 
+    def query_rows(self, rows: Tensor) -> dict[str, Tensor]:
+        """The per-query fields (embeddings, logits, slots, targets) at `rows` (index or mask), by name."""
+        return {name: getattr(self, name)[rows] for name in QUERY_FIELDS}
+
     @property
     def num_events(self) -> int:
         return self.event_id.shape[0]
@@ -84,12 +91,7 @@ class HeadBatch:
         return replace(
             self,
             query_offsets=torch.cat([counts.new_zeros(1), counts.cumsum(0)]),
-            query_embed=self.query_embed[keep],
-            query_valid_logit=self.query_valid_logit[keep],
-            query_slot=self.query_slot[keep],
-            target_index=self.target_index[keep],
-            targets=self.targets[keep],
-            target_valid=self.target_valid[keep],
+            **self.query_rows(keep),
             pair_query=row[self.pair_query[pair_keep]],
             pair_hit=self.pair_hit[pair_keep],
             pair_logit=self.pair_logit[pair_keep],
