@@ -31,10 +31,11 @@ In one CPU process the variants' steps (and validations) run on `workers` thread
 an equal share of torch's intra-op threads (default: one worker per torch thread, at most one per
 variant). Under `accelerate launch` every variant is data-parallel over the same processes (each
 prepared with the one Accelerator) and the variants step one after another, so that every rank
-issues its collectives in the same order. Writes RUN_DIR/<variant>/{head.ckpt, metrics.json, metrics.csv,
-config.json} as `cachefeat train` does (no accelerate checkpoints: a sweep cannot be resumed),
-and RUN_DIR/sweep.csv, sweep.json and sweep_val_loss.png (matplotlib) with one row per variant,
-best first.
+issues its collectives in the same order.
+
+Writes RUN_DIR/<variant>/{head.ckpt, metrics.json, metrics.csv, config.json} as `cachefeat train`
+does (no accelerate checkpoints: a sweep cannot be resumed), and RUN_DIR/sweep.csv, sweep.json and
+sweep_val_loss.png (matplotlib) with one row per variant, best first.
 """
 
 from __future__ import annotations
@@ -295,7 +296,7 @@ def sweep(config: dict, run_dir, *, cache, val_cache, max_epochs: int | None = N
 
     rows = results_table(runs, sweep_conf)
     if accelerator.is_main_process:
-        write_results(run_dir, rows, runs, sweep_conf, {**settings, "data_mode": data_mode},
+        write_results(run_dir, rows, runs, sweep_conf, {**settings, "data_mode": data_mode, "workers": workers},
                       time.perf_counter() - started)
     accelerator.print(format_table(rows))
     accelerator.print(f"sweep of {len(runs)} variants in {time.perf_counter() - started:.1f} s: "
