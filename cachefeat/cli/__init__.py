@@ -53,6 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_set_option(p, example: str) -> None:
+    """The repeatable `--set KEY=VALUE` dotted config override, with an example for `--help`."""
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"dotted config override, e.g. --set {example} (repeatable)")
+
+
+def require_positive(args, *names: str) -> None:
+    """UserError for the first of the integer options `names` given with a value below 1."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
 def example_epilog(*examples: str) -> str:
     """Format `--help` examples for a subcommand."""
     return "example:\n" + "\n".join(f"  {line}" for line in examples)

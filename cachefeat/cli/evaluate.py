@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cachefeat.cli import example_epilog
+from cachefeat.cli import add_set_option, example_epilog, require_positive
 from cachefeat.errors import UserError
 
 
@@ -32,8 +32,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=256, help="events per batch (default 256)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted config override, e.g. --set evaluate.bz=2.0 (repeatable)")
+    add_set_option(p, "evaluate.bz=2.0")
     p.set_defaults(func=run)
 
 
@@ -43,8 +42,7 @@ def run(args) -> int:
     from cachefeat.config import load_config
     from cachefeat.evaluation.predict import evaluate
 
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    require_positive(args, "batch_size")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from cachefeat.cli import example_epilog
+from cachefeat.cli import add_set_option, example_epilog
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--keep-queries", choices=["all", "matched"], help="store every query, or matched ones only")
     p.add_argument("--precision", choices=["fp32", "bf16"], help="forward precision (default fp32)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument(
-        "--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a config value (repeatable)"
-    )
+    add_set_option(p, "extract.batch_size=16")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cachefeat.cli import example_epilog
+from cachefeat.cli import add_set_option, example_epilog, require_positive
 from cachefeat.errors import UserError
 
 
@@ -35,8 +35,7 @@ def add_parser(sub) -> None:
                         "a trained stage 1 jointly with a fresh head")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted config override, e.g. --set pretrain.lr=1e-3 (repeatable)")
+    add_set_option(p, "pretrain.lr=1e-3")
     p.set_defaults(func=run)
 
 
@@ -45,10 +44,7 @@ def run(args) -> int:
     from cachefeat.training.pretrain import pretrain
 
     config = load_config(args.config, args.set, require=("data", "model"))
-    for name in ("epochs", "batch_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    require_positive(args, "epochs", "batch_size")
     out = Path(args.output)
     if not args.resume and (out / "stage1_last.ckpt").exists():
         raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --output")

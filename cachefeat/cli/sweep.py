@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cachefeat.cli import example_epilog
+from cachefeat.cli import add_set_option, example_epilog, require_positive
 from cachefeat.errors import UserError
 
 
@@ -43,8 +43,7 @@ def add_parser(sub) -> None:
     p.add_argument("--workers", type=int,
                    help="threads stepping the variants side by side (one CPU process only; default: torch's "
                    "thread count, e.g. the cores, at most one per variant)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted config override of the base config, e.g. --set train.epochs=5 (repeatable)")
+    add_set_option(p, "train.epochs=5")
     p.set_defaults(func=run)
 
 
@@ -52,10 +51,7 @@ def run(args) -> int:
     from cachefeat.config import load_config
     from cachefeat.training.sweep import sweep
 
-    for name in ("max_epochs", "batch_size", "max_steps", "workers"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    require_positive(args, "max_epochs", "batch_size", "max_steps", "workers")
     config = load_config(args.config, args.set)
     if "sweep" not in config:
         raise UserError(f"config {args.config} has no sweep block (see `cachefeat sweep --help`)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cachefeat.cli import example_epilog
+from cachefeat.cli import add_set_option, example_epilog, require_positive
 from cachefeat.errors import UserError
 
 
@@ -43,8 +43,7 @@ def add_parser(sub) -> None:
     p.add_argument("--allow-stale", action="store_true",
                    help="train on a cache whose fingerprint does not match (with a warning)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted config override, e.g. --set train.lr=3e-4 (repeatable)")
+    add_set_option(p, "train.lr=3e-4")
     p.set_defaults(func=run)
 
 
@@ -53,10 +52,7 @@ def run(args) -> int:
     from cachefeat.training.train import train
 
     config = load_config(args.config, args.set, require=("data", "head"))
-    for name in ("max_epochs", "batch_size", "max_steps"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    require_positive(args, "max_epochs", "batch_size", "max_steps")
     out = Path(args.output)
     if not args.resume and (out / "head.ckpt").exists():
         raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --output")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from cachefeat.cli import example_epilog
+from cachefeat.cli import add_set_option, example_epilog, require_positive
 from cachefeat.errors import UserError
 
 
@@ -34,8 +34,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--batch-size", type=int, help="live batch size B (default: extract.batch_size)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
-                   help="override a config value (repeatable)")
+    add_set_option(p, "extract.floor=0.2")
     p.set_defaults(func=run)
 
 
@@ -45,10 +44,7 @@ def run(args) -> int:
     from cachefeat.cache.verify import failed_fields, format_report, verify_cache
     from cachefeat.config import load_config
 
-    for name in ("events", "batch_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    require_positive(args, "events", "batch_size")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         torch.device(device)
