@@ -318,6 +318,20 @@ def _first_events_scaling(head, reader) -> None:
     head.fit_scaling(first.targets, first.target_valid)
 
 
+def timed_training(benchmark, mode: str, settings: BenchSettings,
+                   data: BenchData) -> tuple[int, int, int, float | None]:
+    """(steps, rounds, events per round, events/s) of `mode`'s loop timed by pytest-benchmark:
+    `settings.plan(mode)` rounds of steps after a warm-up round; events/s from the median round
+    (None when benchmarks are disabled)."""
+    steps, rounds = settings.plan(mode)
+    loop = build_loop(mode, settings, data)
+    try:
+        events = benchmark.pedantic(loop.run, args=(steps,), rounds=rounds, warmup_rounds=1, iterations=1)
+    finally:
+        loop.close()
+    return steps, rounds, events, (events / benchmark.stats.stats.median if benchmark.stats else None)
+
+
 def build_loop(mode: str, settings: BenchSettings, data: BenchData) -> TrainLoop:
     """The training loop of `mode` (one of MODES) on the benchmark's training events."""
     if mode == "joint":

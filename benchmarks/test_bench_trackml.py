@@ -37,14 +37,8 @@ def tml_data(tml_settings, results):
 @pytest.mark.benchmark(group="trackml-train-throughput")
 @pytest.mark.parametrize("mode", MODES)
 def test_trackml_train_throughput(benchmark, mode, tml_settings, tml_data, results):
-    steps, rounds = tml_settings.plan(mode)
-    loop = harness.build_loop(mode, tml_settings, tml_data)
-    try:
-        events = benchmark.pedantic(loop.run, args=(steps,), rounds=rounds, warmup_rounds=1, iterations=1)
-    finally:
-        loop.close()
-    if benchmark.stats:
-        rate = events / benchmark.stats.stats.median
+    *_, rate = harness.timed_training(benchmark, mode, tml_settings, tml_data)
+    if rate is not None:
         results.setdefault("trackml", {}).setdefault("train_events_per_s", {})[mode] = rate
 
 

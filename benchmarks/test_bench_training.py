@@ -13,16 +13,10 @@ import pytest
 @pytest.mark.benchmark(group="train-throughput")
 @pytest.mark.parametrize("mode", harness.MODES)
 def test_train_throughput(benchmark, mode, bench_settings, bench_data, results):
-    steps, rounds = bench_settings.plan(mode)
-    loop = harness.build_loop(mode, bench_settings, bench_data)
-    try:
-        events = benchmark.pedantic(loop.run, args=(steps,), rounds=rounds, warmup_rounds=1, iterations=1)
-    finally:
-        loop.close()
+    steps, rounds, events, rate = harness.timed_training(benchmark, mode, bench_settings, bench_data)
     assert events == steps * bench_settings.batch_size
     results.setdefault("train_plan", {})[mode] = [steps, rounds]
-    if benchmark.stats:
-        rate = events / benchmark.stats.stats.median
+    if rate is not None:
         benchmark.extra_info["events_per_s"] = rate
         results.setdefault("train_events_per_s", {})[mode] = rate
 

@@ -208,6 +208,10 @@ def _order_key(bits: Tensor) -> Tensor:
     return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
+# _order_key of -inf and +inf: the start values of the max and min scatters.
+_KEY_MINUS_INF, _KEY_PLUS_INF = (int(_order_key(torch.tensor([b]).view(torch.int32))) for b in (-math.inf, math.inf))
+
+
 class _SegmentExtrema(torch.autograd.Function):
     """Column-wise max and min [Q, C] of Z's rows [P', C] over each query's pairs; 0 for a query without pairs.
 
@@ -228,9 +232,8 @@ class _SegmentExtrema(torch.autograd.Function):
         has_pairs = torch.zeros(num_queries, 1, dtype=torch.bool, device=Z.device)
         has_pairs[query] = True
         outs, rows = [], []
-        for reduce, bound in (("amax", -math.inf), ("amin", math.inf)):
-            empty = int(_order_key(torch.tensor([bound]).view(torch.int32))) << 32 | P  # -> row P, dropped
-            k = torch.full((num_queries, C), empty, dtype=torch.int64, device=Z.device)
+        for reduce, bound_key in (("amax", _KEY_MINUS_INF), ("amin", _KEY_PLUS_INF)):
+            k = torch.full((num_queries, C), bound_key << 32 | P, dtype=torch.int64, device=Z.device)  # row P: dropped
             k.scatter_reduce_(0, index, key, reduce)
             value = _order_key((k >> 32).to(torch.int32)).view(torch.float32)
             outs.append(torch.where(has_pairs, value, 0.0))
