@@ -4,7 +4,7 @@ Per event with N queries and M hits, from query embeddings Q [N, D], hit embeddi
 H [M, D], raw hit features X [M, F], assignment logits L [N, M] and hit validity v [M]:
 
     p = sigmoid(L);  A = (p >= tau) & v;  w~ = p * A;  w = w~ / max(sum_m w~, 1e-8)
-    R = raw_hit_net(X);  E = encoded_hit_net(H)                      (MLPs -> D)
+    R = raw_hit_net(X);  E = encoded_hit_net(H)            (per-hit nets -> D, see HIT_NETS)
     pools of Z in (R, E): w @ Z, w~ @ Z, max and min over {m : A_nm} (0 if empty)
     z_n = [Q_n, pools(R), pools(E)] in R^{9D};  y_n = MLP(z_n) in R^T
 
@@ -14,8 +14,15 @@ Two implementations of the same formula live side by side:
 - sparse (`forward_sparse`): the `HeadBatch` pair list with segment reductions, O(P·D).
 
 They agree to float32 rounding, outputs and gradients alike. Targets are regressed in
-scaled units: each regressed quantity (a particle field, or q / field for an inverse field)
-is standardised by `target_mean` / `target_std`; periodic fields (phi) keep mean 0.
+scaled units, (value - `target_mean`) / `target_std` for each regressed quantity (a particle
+field, or q / field for an inverse field). `targets="standardised"` fits mean and std on the
+training targets (periodic fields such as phi keep mean 0 and have their residuals wrapped);
+`targets="raw"` is the reference workflow's choice: mean 0 and std = `raw_scale[field]`
+(default 1), i.e. the stored values divided by a fixed divisor (pT / 200), without wrapping.
+
+The reference workflow's head (hepattn_muon's FrozenEncoderRegressionTask) is
+`hit_net="dense", hidden_dim=None, targets="raw", raw_scale={"pt": 200.0}` (with its raw hit
+fields chosen by `raw_hit_fields`).
 """
 
 from __future__ import annotations
@@ -37,9 +44,30 @@ IMPLS = ("sparse", "dense")
 ABSENT_LOGIT = -1e4
 
 
-def hit_net(in_dim: int, dim: int) -> nn.Sequential:
+TARGET_MODES = ("standardised", "raw")
+
+
+def mlp_hit_net(in_dim: int, dim: int) -> nn.Sequential:
     """Per-hit MLP: Linear(in_dim, dim) -> ReLU -> Linear(dim, dim)."""
     return nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU(), nn.Linear(dim, dim))
+
+
+class SwiGLU(nn.Module):
+    """x = [a, b] split in halves along the last dim -> a * silu(b) (the second half gates the first)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = x.chunk(2, dim=-1)
+        return a * F.silu(b)
+
+
+def dense_hit_net(in_dim: int, dim: int) -> nn.Sequential:
+    """Per-hit gated net as hepattn's `Dense` block with SwiGLU and one hidden layer of 2 * in_dim:
+    Linear(in_dim, 4 * in_dim) -> SwiGLU -> Linear(2 * in_dim, dim)."""
+    return nn.Sequential(nn.Linear(in_dim, 4 * in_dim), SwiGLU(), nn.Linear(2 * in_dim, dim))
+
+
+# The `hit_net` choices of RegressionHead: how its raw and encoded hit nets are built.
+HIT_NETS = {"mlp": mlp_hit_net, "dense": dense_hit_net}
 
 
 class StreamDropout(nn.Module):
@@ -254,15 +282,25 @@ class RegressionHead(nn.Module):
     """Regresses track parameters per query by pooling hit features with frozen assignment weights.
 
     Args:
-        raw_fields: names of the F raw hit feature columns (`HeadBatch.hit_raw`).
-        particle_fields: names of the T_p columns of `HeadBatch.targets`.
+        raw_fields: names of the F raw hit feature columns (`HeadBatch.hit_raw`), supplied by
+            code from the cache or data section (not a config key).
+        particle_fields: names of the T_p columns of `HeadBatch.targets` (supplied likewise).
         dim: D, the embedding dim of queries, hits and the hit nets' outputs.
-        hidden_dim, num_layers, dropout: the output MLP.
+        hidden_dim, num_layers, dropout: the output MLP; `hidden_dim=None` means 9 * D // 2
+            (the reference workflow's default).
         assignment_threshold: tau; a hit is assigned to a query where sigmoid(logit) >= tau.
         target_fields: the T regressed particle fields, in output order.
         inverse_fields: target fields regressed as q / value (needs "q" among particle_fields).
-        periodic_fields: angles (radians) whose residual is wrapped into [-pi, pi].
+        periodic_fields: angles (radians) whose residual is wrapped into [-pi, pi]
+            (standardised targets only; raw targets are not wrapped).
         impl: "sparse" or "dense", the path `forward(hb)` takes.
+        hit_net: "mlp" (Linear -> ReLU -> Linear) or "dense" (hepattn's `Dense` with SwiGLU:
+            Linear(F, 4F) -> SwiGLU -> Linear(2F, D)), for both the raw and the encoded hit net.
+        raw_hit_fields: the raw fields, a subset of `raw_fields` by name (in the order given),
+            that the raw hit net reads; None: all of them. The batch still holds every raw field.
+        targets: "standardised" (mean/std fitted by `fit_scaling`) or "raw" (the stored values
+            divided by `raw_scale`, no fitting, no wrapping).
+        raw_scale: {target field: divisor} for raw targets, e.g. {"pt": 200.0}; others 1.
     """
 
     def __init__(
@@ -270,7 +308,7 @@ class RegressionHead(nn.Module):
         raw_fields: list[str],
         particle_fields: list[str],
         dim: int = 32,
-        hidden_dim: int = 128,
+        hidden_dim: int | None = 128,
         num_layers: int = 3,
         dropout: float = 0.0,
         assignment_threshold: float = 0.1,
@@ -278,16 +316,27 @@ class RegressionHead(nn.Module):
         inverse_fields: list[str] = (),
         periodic_fields: list[str] = ("phi",),
         impl: str = "sparse",
+        hit_net: str = "mlp",
+        raw_hit_fields: list[str] | None = None,
+        targets: str = "standardised",
+        raw_scale: dict[str, float] | None = None,
     ):
         super().__init__()
         raw_fields, particle_fields = list(raw_fields), list(particle_fields)
         target_fields, inverse_fields, periodic_fields = map(list, (target_fields, inverse_fields, periodic_fields))
+        raw_scale = dict(raw_scale or {})
         if impl not in IMPLS:
             raise UserError(f"head impl must be one of {IMPLS}, not {impl!r}")
+        if hit_net not in HIT_NETS:
+            raise UserError(f"head hit_net must be one of {tuple(HIT_NETS)}, not {hit_net!r}")
+        if targets not in TARGET_MODES:
+            raise UserError(f"head targets must be one of {TARGET_MODES}, not {targets!r}")
         if not 0.0 < assignment_threshold < 1.0:
             raise UserError(f"assignment_threshold must be in (0, 1), not {assignment_threshold}")
         if num_layers < 1:
             raise UserError(f"head num_layers must be >= 1, not {num_layers}")
+        if hidden_dim is None:
+            hidden_dim = 9 * dim // 2
         if not target_fields:
             raise UserError("head target_fields is empty")
         for name in target_fields:
@@ -300,20 +349,42 @@ class RegressionHead(nn.Module):
                 raise UserError(f"inverse field '{name}' cannot be 'q' or a periodic field")
         if inverse_fields and "q" not in particle_fields:
             raise UserError("inverse_fields regress q / value and need 'q' among the particle fields")
+        if raw_scale and targets != "raw":
+            raise UserError("head raw_scale divides raw targets: it needs targets: raw")
+        for name, divisor in raw_scale.items():
+            if name not in target_fields:
+                raise UserError(f"raw_scale field '{name}' is not a target field{did_you_mean(name, target_fields)}")
+            if isinstance(divisor, bool) or not isinstance(divisor, (int, float)) or not 0 < divisor < math.inf:
+                raise UserError(f"raw_scale['{name}'] must be a positive number, not {divisor!r}")
+        if raw_hit_fields is not None:
+            raw_hit_fields = list(raw_hit_fields)
+            if not raw_hit_fields:
+                raise UserError("head raw_hit_fields is empty (leave it out to use every raw field)")
+            for name in raw_hit_fields:
+                if name not in raw_fields:
+                    raise UserError(f"raw hit field '{name}' is not among the raw hit fields "
+                                    f"[{', '.join(raw_fields)}]{did_you_mean(name, raw_fields)}")
+            if len(set(raw_hit_fields)) < len(raw_hit_fields):
+                raise UserError(f"head raw_hit_fields names a field twice: {raw_hit_fields}")
 
         self.raw_fields, self.particle_fields = raw_fields, particle_fields
         self.target_fields, self.inverse_fields = target_fields, inverse_fields
-        self.periodic_fields = [f for f in periodic_fields if f in target_fields]
+        self.periodic_fields = [f for f in periodic_fields if f in target_fields] if targets == "standardised" else []
         self.dim, self.hidden_dim, self.num_layers, self.dropout = dim, hidden_dim, num_layers, dropout
         self.assignment_threshold, self.impl = assignment_threshold, impl
+        self.hit_net, self.raw_hit_fields = hit_net, raw_hit_fields
+        self.targets, self.raw_scale = targets, {k: float(v) for k, v in raw_scale.items()}
 
-        self.raw_hit_net = hit_net(len(raw_fields), dim)
-        self.encoded_hit_net = hit_net(dim, dim)
+        used = raw_hit_fields if raw_hit_fields is not None else raw_fields
+        # Columns of hit_raw the raw hit net reads; None: all, in order (no gather).
+        self._raw_columns = None if used == raw_fields else [raw_fields.index(f) for f in used]
+        self.raw_hit_net = HIT_NETS[hit_net](len(used), dim)
+        self.encoded_hit_net = HIT_NETS[hit_net](dim, dim)
         self.mlp = regression_mlp(9 * dim, hidden_dim, len(target_fields), num_layers, dropout)
 
         T = len(target_fields)
         self.register_buffer("target_mean", torch.zeros(T))
-        self.register_buffer("target_std", torch.ones(T))
+        self.register_buffer("target_std", torch.tensor([self.raw_scale.get(f, 1.0) for f in target_fields]))
         self.register_buffer(
             "_target_column", torch.tensor([particle_fields.index(f) for f in target_fields]), persistent=False
         )
@@ -337,7 +408,15 @@ class RegressionHead(nn.Module):
             "inverse_fields": list(self.inverse_fields),
             "periodic_fields": list(self.periodic_fields),
             "impl": self.impl,
+            "hit_net": self.hit_net,
+            "raw_hit_fields": None if self.raw_hit_fields is None else list(self.raw_hit_fields),
+            "targets": self.targets,
+            "raw_scale": dict(self.raw_scale),
         }
+
+    def _raw_inputs(self, hit_raw: Tensor) -> Tensor:
+        """[..., F] raw hit rows -> the columns the raw hit net reads (`raw_hit_fields`)."""
+        return hit_raw if self._raw_columns is None else hit_raw[..., self._raw_columns]
 
     # ---- forward -------------------------------------------------------------------------
 
@@ -367,7 +446,7 @@ class RegressionHead(nn.Module):
         """z [Q, 9D] from precomputed pair weights (a sweep computes them once for many heads)."""
         Q = pairs.num_queries
         pools = [hb.query_embed]
-        for Z in (self.raw_hit_net(pairs.raw), self.encoded_hit_net(pairs.embed)):
+        for Z in (self.raw_hit_net(self._raw_inputs(pairs.raw)), self.encoded_hit_net(pairs.embed)):
             Z = Z.float()  # under autocast the hit nets may give bfloat16; the pools are float32
             sums = _PairSums.apply(Z, pairs.sums, pairs.sums_t)
             pools += [sums[:Q], sums[Q:], *_SegmentExtrema.apply(Z, pairs.query, Q)]
@@ -387,7 +466,7 @@ class RegressionHead(nn.Module):
         w = wt / wt.sum(-1, keepdim=True).clamp(min=1e-8)
         has_hit = A.any(-1, keepdim=True)
         pools = [query_embed]
-        for Z in (self.raw_hit_net(hit_raw), self.encoded_hit_net(hit_embed)):
+        for Z in (self.raw_hit_net(self._raw_inputs(hit_raw)), self.encoded_hit_net(hit_embed)):
             Zb = Z[:, None, :, :].expand(-1, A.shape[1], -1, -1)
             mask = A[..., None]
             pools += [
@@ -421,7 +500,8 @@ class RegressionHead(nn.Module):
         """[Q, T] scaled predictions -> {field: [Q] physical value} per target field.
 
         An inverse field f gives f = 1 / |y| (y = q / f); when "q" is not itself a target,
-        its sign is returned as "q". Periodic fields are wrapped into [-pi, pi).
+        its sign is returned as "q". Periodic fields are wrapped into [-pi, pi) (standardised
+        targets; raw targets have no periodic fields).
         """
         y = pred * self.target_std + self.target_mean
         out = {}
@@ -440,10 +520,15 @@ class RegressionHead(nn.Module):
     def fit_scaling(self, particle_values: Tensor, valid: Tensor) -> None:
         """Set `target_mean` / `target_std` [T] from [Q, T_p] particle values where valid [Q].
 
-        Periodic fields keep mean 0 and get the root mean square as std. A std below 1e-6
-        (a constant target) is clamped to 1e-6.
+        Standardised targets: periodic fields keep mean 0 and get the root mean square as std.
+        A std below 1e-6 (a constant target) is clamped to 1e-6. Raw targets: nothing is fitted,
+        mean 0 and std `raw_scale` (1 for a field it does not name), whatever the values.
         """
         x = self._regressed(particle_values)[valid.bool()]
+        if self.targets == "raw":
+            self.target_mean.zero_()
+            self.target_std.copy_(torch.tensor([self.raw_scale.get(f, 1.0) for f in self.target_fields]))
+            return
         if x.shape[0] == 0:
             raise UserError("cannot fit the target scaling: no valid (matched) particles")
         mean = torch.where(self._periodic, 0.0, x.mean(0))
