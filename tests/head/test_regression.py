@@ -1,7 +1,12 @@
-"""Regression head: sparse == dense (outputs and gradients), hand-computed pools, loss and targets."""
+"""Regression head: sparse == dense (outputs and gradients), hand-computed pools, loss and targets;
+the reference-workflow options (dense hit nets vs hepattn's Dense, raw_hit_fields, raw targets)."""
 
+import copy
 import json
 import math
+import sys
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +15,7 @@ from hypothesis import strategies as st
 
 from cachefeat.errors import UserError
 from cachefeat.head.inputs import HeadBatch, from_model_outputs
-from cachefeat.head.regression import RegressionHead, StreamDropout, dense_inputs
+from cachefeat.head.regression import RegressionHead, StreamDropout, SwiGLU, dense_inputs
 
 RAW = ["x", "y", "z", "r"]
 PARTICLE = ["pt", "eta", "phi", "q", "vz"]
@@ -102,9 +107,13 @@ def assert_sparse_equals_dense(head, outputs, batch, target_index, floor):
     return hb, sparse
 
 
+HIT_NETS = ["mlp", "dense"]
+
+
+@pytest.mark.parametrize("hit_net", HIT_NETS)
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_sparse_equals_dense_random(seed):
-    head = make_head(seed)
+def test_sparse_equals_dense_random(seed, hit_net):
+    head = make_head(seed, hit_net=hit_net)
     outputs, batch, target_index = make_padded(seed)
     hb, _ = assert_sparse_equals_dense(head, outputs, batch, target_index, floor=0.05)
     assert 0 < hb.pair_logit.shape[0] < 3 * 3 * 12  # the test is not trivially all or nothing
@@ -119,17 +128,19 @@ def test_sparse_equals_dense_random(seed):
         ("floor equals tau", {}, 0.3, 0.3),
     ],
 )
-def test_sparse_equals_dense_edge_cases(case, make_kw, floor, tau):
-    head = make_head(3, tau=tau)
+@pytest.mark.parametrize("hit_net", HIT_NETS)
+def test_sparse_equals_dense_edge_cases(case, make_kw, floor, tau, hit_net):
+    head = make_head(3, tau=tau, hit_net=hit_net)
     outputs, batch, target_index = make_padded(3, **make_kw)
     assert_sparse_equals_dense(head, outputs, batch, target_index, floor)
 
 
-def test_exact_ties_in_max_and_min_pools_give_the_dense_gradients():
+@pytest.mark.parametrize("hit_net", HIT_NETS)
+def test_exact_ties_in_max_and_min_pools_give_the_dense_gradients(hit_net):
     """Two hits of one query with the same raw features tie in every max/min column of the raw
     hit net's output. Autograd (dense) splits the gradient between them, the sparse pool gives it
     to one; the head parameters' gradients must still agree."""
-    head = make_head(5)
+    head = make_head(5, hit_net=hit_net)
     outputs, batch, target_index = make_padded(5)
     for f in RAW:
         batch[f"hit_{f}"][0, 1] = batch[f"hit_{f}"][0, 0]
@@ -137,8 +148,9 @@ def test_exact_ties_in_max_and_min_pools_give_the_dense_gradients():
     assert_sparse_equals_dense(head, outputs, batch, target_index, floor=0.05)
 
 
-def test_query_without_assigned_hits_and_all_noise_event():
-    head = make_head(4)
+@pytest.mark.parametrize("hit_net", HIT_NETS)
+def test_query_without_assigned_hits_and_all_noise_event(hit_net):
+    head = make_head(4, hit_net=hit_net)
     outputs, batch, target_index = make_padded(4)
     with torch.no_grad():
         outputs["track_hit_logit"][0, 1] = -30.0  # one query with no assigned hit
@@ -163,11 +175,12 @@ def test_only_matched_queries_kept_gives_padded_query_counts():
     close(head(hb), sparse)
 
 
-def test_valid_targets_only_keeps_the_loss_and_its_gradients():
+@pytest.mark.parametrize("hit_net", HIT_NETS)
+def test_valid_targets_only_keeps_the_loss_and_its_gradients(hit_net):
     """Dropping the queries without a valid target (and their pairs) leaves the predictions of the
     others, the loss and every gradient as on the full batch (the dense head on the full padded
     outputs is the reference)."""
-    head = make_head(4, tau=0.2)
+    head = make_head(4, tau=0.2, hit_net=hit_net)
     outputs, batch, target_index = make_padded(4, B=4, N=4, hit_counts=[12, 5, 0, 9])
     hb = from_model_outputs(outputs, batch, target_index, 0.1, RAW, PARTICLE)
     sub = hb.with_valid_targets_only()
@@ -223,6 +236,7 @@ def test_stream_dropout_rate_scale_and_continuation():
     assert torch.equal(layer.eval()(x), x)
 
 
+@pytest.mark.parametrize("hit_net", HIT_NETS)
 @settings(max_examples=25, deadline=None, derandomize=True, database=None)
 @given(
     B=st.integers(1, 3),
@@ -232,10 +246,10 @@ def test_stream_dropout_rate_scale_and_continuation():
     seed=st.integers(0, 2**16),
     tau=st.sampled_from([0.1, 0.4, 0.8]),
 )
-def test_sparse_equals_dense_property(B, N, M, D, seed, tau):
+def test_sparse_equals_dense_property(B, N, M, D, seed, tau, hit_net):
     g = torch.Generator().manual_seed(seed)
     hit_counts = torch.randint(0, M + 1, (B,), generator=g).tolist()
-    head = make_head(seed, D=D, tau=tau)
+    head = make_head(seed, D=D, tau=tau, hit_net=hit_net)
     outputs, batch, target_index = make_padded(seed, B=B, N=N, M=M, D=D, hit_counts=hit_counts)
     assert_sparse_equals_dense(head, outputs, batch, target_index, floor=min(tau, 0.2))
 
@@ -473,6 +487,14 @@ def test_reference_size_and_config():
         (dict(impl="fast"), "impl"),
         (dict(assignment_threshold=0.0), "assignment_threshold"),
         (dict(num_layers=0), "num_layers"),
+        (dict(hit_net="gated"), "hit_net must be one of"),
+        (dict(targets="scaled"), "targets must be one of"),
+        (dict(raw_scale={"pt": 200.0}), "needs targets: raw"),
+        (dict(targets="raw", raw_scale={"ptt": 200.0}), "did you mean 'pt'"),
+        (dict(targets="raw", raw_scale={"pt": 0.0}), "positive number"),
+        (dict(raw_hit_fields=["aa"]), "did you mean 'a'"),
+        (dict(raw_hit_fields=[]), "empty"),
+        (dict(raw_hit_fields=["a", "a"]), "twice"),
     ],
 )
 def test_bad_config_is_a_user_error(kw, match):
@@ -483,3 +505,224 @@ def test_bad_config_is_a_user_error(kw, match):
 def test_inverse_needs_charge():
     with pytest.raises(UserError, match="need 'q'"):
         RegressionHead(["a"], ["pt", "eta"], target_fields=["pt"], inverse_fields=["pt"])
+
+
+# ---- hit_net="dense": hepattn's Dense block with SwiGLU ------------------------------------
+
+HEPATTN_SRC = Path(__file__).resolve().parents[2] / ".." / "shared" / "hepattn" / "src"
+
+
+@pytest.fixture(scope="module")
+def hepattn_dense():
+    """hepattn's own `Dense` class (from ../shared/hepattn/src), or a skip that says why not."""
+    src = HEPATTN_SRC.resolve()
+    if not src.is_dir():
+        pytest.skip(f"hepattn source not found at {src} (the shared folder next to the repository)")
+    if str(src) not in sys.path:
+        sys.path.insert(0, str(src))
+    try:
+        with warnings.catch_warnings():  # hepattn's imports use torch.jit.script_method (deprecated)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from hepattn.models.dense import Dense
+    except Exception as exc:  # a missing runtime package surfaces as any import-time error
+        pytest.skip(f"cannot import hepattn.models.dense from {src}: {type(exc).__name__}: {exc}")
+    return Dense
+
+
+def linears(net):
+    return [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def reference_dense(Dense, F, D, like):
+    """hepattn's Dense(F -> D) with SwiGLU and one hidden layer of 2F (so its first Linear is F -> 4F),
+    holding the weights of cachefeat's hit net `like`."""
+    ref = Dense(input_size=F, output_size=D, hidden_layers=[2 * F], activation="SwiGLU")
+    assert [tuple(m.weight.shape) for m in linears(ref)] == [(4 * F, F), (D, 2 * F)]  # Linear(F,4F), Linear(2F,D)
+    ref = ref.to(next(like.parameters()).dtype)
+    with torch.no_grad():
+        for mine, theirs in zip(linears(like), linears(ref), strict=True):
+            theirs.weight.copy_(mine.weight)
+            theirs.bias.copy_(mine.bias)
+    return ref
+
+
+def test_swiglu_gates_the_first_half_with_the_second():
+    out = SwiGLU()(torch.tensor([[2.0, 0.0, 1.0, -1.0]]))  # a = (2, 0), b = (1, -1): a * silu(b)
+    close(out, torch.tensor([[2.0 / (1.0 + math.exp(-1.0)), 0.0]]))
+
+
+def test_dense_hit_net_shapes_and_reference_size():
+    # The reference workflow's head: dim 32, 18 raw hit fields, dense hit nets, hidden 9 * 32 // 2 = 144.
+    head = RegressionHead([f"f{i}" for i in range(18)], PARTICLE, dim=32, hidden_dim=None, hit_net="dense")
+    assert [tuple(m.weight.shape) for m in linears(head.raw_hit_net)] == [(72, 18), (32, 36)]
+    assert [tuple(m.weight.shape) for m in linears(head.encoded_hit_net)] == [(128, 32), (32, 64)]
+    assert head.hidden_dim == 144 and head.mlp[0].out_features == 144
+    # Raw net 18*72+72 + 36*32+32, encoded 32*128+128 + 64*32+32;
+    # MLP 288*144+144 + 2*144 + 144*144+144 + 2*144 + 144*4+4.
+    expected = (1368 + 1184) + (4224 + 2080) + (41616 + 288 + 20880 + 288 + 580)
+    assert sum(p.numel() for p in head.parameters()) == expected == 72508
+
+
+@pytest.mark.hepattn
+@pytest.mark.parametrize("net", ["raw_hit_net", "encoded_hit_net"])
+def test_dense_hit_net_equals_hepattn_dense(hepattn_dense, net):
+    """cachefeat's dense hit net vs hepattn's Dense with the same weights, in float64:
+    outputs and the gradients w.r.t. the inputs and every weight agree to 1e-12."""
+    D = 8
+    head = make_head(0, D=D, hit_net="dense").double()
+    mine = getattr(head, net)
+    F = len(RAW) if net == "raw_hit_net" else D
+    ref = reference_dense(hepattn_dense, F, D, mine)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5, F, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 5, D, generator=g, dtype=torch.float64)
+    out_mine, out_ref = mine(x), ref(x)
+    torch.testing.assert_close(out_mine, out_ref, rtol=1e-12, atol=1e-12)
+    grads_mine = torch.autograd.grad((out_mine * weight).sum(), [x, *mine.parameters()])
+    grads_ref = torch.autograd.grad((out_ref * weight).sum(), [x, *ref.parameters()])
+    assert len(grads_mine) == len(grads_ref) == 5
+    for a, b in zip(grads_mine, grads_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # The comparison can fail: gating the other half (swapping the first Linear's output halves) differs.
+    swapped = copy.deepcopy(ref)
+    with torch.no_grad():
+        first = linears(swapped)[0]
+        first.weight.copy_(first.weight.roll(2 * F, 0))
+        first.bias.copy_(first.bias.roll(2 * F, 0))
+    assert (swapped(x) - out_mine).abs().max() > 1e-3
+
+
+@pytest.mark.hepattn
+@pytest.mark.parametrize("impl", ["sparse", "dense"])
+def test_head_with_dense_hit_nets_equals_head_with_hepattn_dense(hepattn_dense, impl):
+    """The whole head (float32, both paths) with its hit nets replaced by hepattn's Dense blocks
+    holding the same weights: same outputs and gradients (the file's RTOL / ATOL)."""
+    D = 8
+    head = make_head(2, D=D, hit_net="dense", impl=impl)
+    theirs = copy.deepcopy(head)
+    theirs.raw_hit_net = reference_dense(hepattn_dense, len(RAW), D, head.raw_hit_net)
+    theirs.encoded_hit_net = reference_dense(hepattn_dense, D, D, head.encoded_hit_net)
+    outputs, batch, target_index = make_padded(2, D=D)
+    leaves = (outputs["hit_embed"], outputs["query_embed"])
+    out_mine, out_theirs = (h(from_model_outputs(outputs, batch, target_index, 0.05, RAW, PARTICLE))
+                            for h in (head, theirs))
+    close(out_mine, out_theirs)
+    assert len(list(head.parameters())) == len(list(theirs.parameters()))
+    for a, b in zip(grads(out_mine, head, leaves), grads(out_theirs, theirs, leaves), strict=True):
+        close_grad(a, b)
+
+
+# ---- raw_hit_fields ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("hit_net", HIT_NETS)
+@pytest.mark.parametrize("impl", ["sparse", "dense"])
+def test_raw_hit_fields_subset_equals_head_on_a_batch_with_only_those_fields(hit_net, impl):
+    """A head reading raw_hit_fields [z, x] of a batch holding x, y, z, r gives the outputs and
+    gradients of a head built on a batch made with only z, x, carrying the same weights."""
+    subset = ["z", "x"]
+    head = make_head(3, hit_net=hit_net, impl=impl, raw_hit_fields=subset)
+    assert head.raw_fields == RAW and linears(head.raw_hit_net)[0].in_features == 2
+    torch.manual_seed(3)
+    other = RegressionHead(subset, PARTICLE, dim=8, hidden_dim=16, hit_net=hit_net, impl=impl)
+    other.load_state_dict(head.state_dict())
+    outputs, batch, target_index = make_padded(3)
+    hb = from_model_outputs(outputs, batch, target_index, 0.05, RAW, PARTICLE)
+    hb_subset = from_model_outputs(outputs, batch, target_index, 0.05, subset, PARTICLE)
+    assert hb.hit_raw.shape[1] == 4 and hb_subset.hit_raw.shape[1] == 2
+    leaves = (outputs["hit_embed"], outputs["query_embed"])
+    out, out_subset = head(hb), other(hb_subset)
+    assert torch.equal(out, out_subset)
+    for a, b in zip(grads(out, head, leaves), grads(out_subset, other, leaves), strict=True):
+        assert torch.equal(a, b)
+    # ... and it is not the head on all four fields with the same first columns.
+    full = make_head(3, hit_net=hit_net, impl=impl)
+    assert not torch.allclose(full(hb), out)
+
+
+def test_raw_hit_fields_from_a_config():
+    from cachefeat.training.train import build_head
+
+    def config(**init_args):
+        return {"head": {"class_path": "cachefeat.head.regression.RegressionHead",
+                         "init_args": {"dim": 8, **init_args}}}
+
+    head = build_head(config(raw_hit_fields=["x", "y", "z"]), RAW, PARTICLE)
+    assert head.raw_fields == RAW and head.raw_hit_fields == ["x", "y", "z"]
+    assert linears(head.raw_hit_net)[0].in_features == 3
+    with pytest.raises(UserError, match=r"raw hit field 'zz' is not among .*did you mean 'z'"):
+        build_head(config(raw_hit_fields=["x", "zz"]), RAW, PARTICLE)
+
+
+# ---- targets="raw" -------------------------------------------------------------------------
+
+
+def raw_head(**kw):
+    return RegressionHead(["a"], PARTICLE, dim=2, targets="raw", raw_scale={"pt": 200.0}, **kw)
+
+
+def test_raw_targets_loss_hand_computed():
+    head = raw_head()  # targets pt, eta, phi, q; the default periodic_fields is not used
+    assert head.periodic_fields == []
+    values = particles(pt=[100.0, 50.0], eta=[0.3, -1.2], phi=[-3.0, 4.0], q=[-1.0, 1.0])
+    valid = [True, True]
+    head.fit_scaling(values, torch.tensor(valid))  # fits nothing
+    assert torch.equal(head.target_mean, torch.zeros(4))
+    assert torch.equal(head.target_std, torch.tensor([200.0, 1.0, 1.0, 1.0]))
+    # The stored values, pt / 200, phi as stored (4.0 is not wrapped).
+    assert torch.equal(head.encode_targets(values), torch.tensor([[0.5, 0.3, -3.0, -1.0], [0.25, -1.2, 4.0, 1.0]]))
+    pred = torch.tensor([[0.0, 0.0, 3.0, 0.0], [0.25, 0.0, -2.0, 1.0]])
+    # Query 0: d = (-0.5, -0.3, 6.0, 1.0) -> (0.125, 0.045, 5.5, 0.5); query 1: d = (0, 1.2, -6.0, 0) ->
+    # (0, 0.7, 5.5, 0). Wrapping phi would have made the 6.0 residuals 6 - 2 pi (loss 0.04 each).
+    expected = ((0.125 + 0.045 + 5.5 + 0.5) / 4 + (0.0 + 0.7 + 5.5 + 0.0) / 4) / 2
+    assert head.loss(pred, loss_batch(values, valid)).item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("inverse_fields", [[], ["pt"]])
+def test_raw_targets_decode_encode_round_trip(inverse_fields):
+    g = torch.Generator().manual_seed(10)
+    pt = torch.rand(50, generator=g) * 300 + 0.5
+    eta = torch.randn(50, generator=g) * 2
+    phi = (torch.rand(50, generator=g) - 0.5) * 8  # beyond [-pi, pi): raw phi is not wrapped
+    q = torch.where(torch.rand(50, generator=g) > 0.5, 1.0, -1.0)
+    values = particles(pt=pt.tolist(), eta=eta.tolist(), phi=phi.tolist(), q=q.tolist())
+    head = raw_head(inverse_fields=inverse_fields)
+    head.fit_scaling(values, torch.ones(50, dtype=torch.bool))
+    enc = head.encode_targets(values)
+    expected_pt = q / pt / 200 if inverse_fields else pt / 200
+    close(enc[:, 0], expected_pt)
+    out = head.decode(enc)
+    torch.testing.assert_close(out["pt"], pt, rtol=1e-6, atol=0)  # x / 200 * 200: one float32 rounding each
+    assert torch.equal(out["eta"], eta) and torch.equal(out["phi"], phi) and torch.equal(out["q"], q)
+
+
+# ---- the options are saved with the head ---------------------------------------------------
+
+
+def test_options_survive_a_head_checkpoint(tmp_path):
+    from cachefeat.evaluation.predict import load_head
+    from cachefeat.training.train import save_head
+
+    head = make_head(7, hit_net="dense", raw_hit_fields=["z", "x"], targets="raw", raw_scale={"pt": 200.0},
+                     hidden_dim=None).eval()
+    assert head.hidden_dim == 36  # 9 * 8 // 2
+    outputs, batch, target_index = make_padded(7)
+    hb = from_model_outputs(outputs, batch, target_index, 0.05, RAW, PARTICLE)
+    head.fit_scaling(hb.targets, hb.target_valid)
+    save_head(tmp_path / "head.ckpt", head, {}, None, {})
+    loaded, _ = load_head(tmp_path / "head.ckpt")
+    config = loaded.head_config()
+    assert config == head.head_config()
+    assert {k: config[k] for k in ("hit_net", "raw_hit_fields", "targets", "raw_scale", "hidden_dim")} == {
+        "hit_net": "dense", "raw_hit_fields": ["z", "x"], "targets": "raw", "raw_scale": {"pt": 200.0},
+        "hidden_dim": 36}
+    assert torch.equal(loaded.target_std, torch.tensor([200.0, 1.0, 1.0, 1.0]))
+    with torch.no_grad():
+        assert torch.equal(loaded(hb), head(hb))
+
+
+def test_head_config_without_the_new_keys_gets_the_old_head():
+    """A head_config saved before these options existed builds today's default head."""
+    config = make_head(0).head_config()
+    old = {k: v for k, v in config.items() if k not in ("hit_net", "raw_hit_fields", "targets", "raw_scale")}
+    assert RegressionHead(**old).head_config() == config
