@@ -1,5 +1,8 @@
 """Root pytest hooks: `--benchmark` (and `--trackml`) must be registered here, at the rootdir,
-so both `pytest --benchmark` and `pytest benchmarks/ --benchmark` accept them."""
+so both `pytest --benchmark` and `pytest benchmarks/ --benchmark` accept them; and the
+`hepattn_src` fixture, which tests and benchmarks of the hepattn path share."""
+
+from pathlib import Path
 
 import pytest
 
@@ -32,3 +35,37 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(gpu)
+
+
+HEPATTN_SRC = (Path(__file__).resolve().parent / ".." / "shared" / "hepattn" / "src").resolve()
+HEPATTN_PACKAGES = ("jsonargparse", "lightning", "einops", "lion_pytorch", "torchjd")
+
+
+@pytest.fixture(scope="session")
+def hepattn_src() -> Path:
+    """The real hepattn, importable: ../shared/hepattn/src on sys.path and on PYTHONPATH (for the
+    commands the tests start), or a skip that says what is missing (a user's clone has no
+    shared folder; `pip install -e ".[hepattn]"` brings the runtime packages)."""
+    import importlib
+    import importlib.util
+    import os
+    import sys
+    import warnings
+
+    if not HEPATTN_SRC.is_dir():
+        pytest.skip(f"hepattn source not found at {HEPATTN_SRC} (the shared folder next to the repository)")
+    missing = [name for name in HEPATTN_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        pytest.skip(f"hepattn's runtime packages are not installed ({', '.join(missing)}): "
+                    "pip install -e '.[hepattn]'")
+    if str(HEPATTN_SRC) not in sys.path:
+        sys.path.insert(0, str(HEPATTN_SRC))
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(HEPATTN_SRC), os.environ.get("PYTHONPATH")) if p)
+    try:
+        with warnings.catch_warnings():  # hepattn's imports use deprecated torch.jit APIs
+            warnings.simplefilter("ignore")
+            importlib.import_module("hepattn.models")
+    except Exception as exc:  # a broken runtime package surfaces as any import-time error
+        pytest.skip(f"cannot import hepattn from {HEPATTN_SRC}: {type(exc).__name__}: {exc}")
+    return HEPATTN_SRC
+

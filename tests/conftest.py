@@ -62,3 +62,69 @@ def cache32(muon_config, stage1_checkpoint, muon_events, tmp_path_factory):
 @pytest.fixture(scope="session")
 def val_cache32(muon_config, stage1_checkpoint, muon_val_events, tmp_path_factory):
     return _extract(muon_config, stage1_checkpoint, muon_val_events, tmp_path_factory.mktemp("cache") / "val.zarr")
+
+
+HEPATTN_CONFIG = ROOT / "configs" / "hepattn_muon.yaml"
+# The shipped hepattn config at test size: hepattn's generated events, 160 training and 48
+# validation events as for the muon fixtures, small blocks and batches.
+HEPATTN_TEST_OVERRIDES = [
+    "data.module.init_args.num_train=160", "data.module.init_args.num_val=48", "data.module.init_args.num_test=48",
+    "extract.batch_size=24", "extract.block_size=64", "train.batch_size=16", "train.epochs=2",
+]
+
+
+@pytest.fixture(scope="session")
+def hepattn_config(hepattn_src) -> dict:
+    return load_config(HEPATTN_CONFIG, HEPATTN_TEST_OVERRIDES)
+
+
+@pytest.fixture(scope="session")
+def hepattn_config_path(hepattn_config, tmp_path_factory) -> Path:
+    """`hepattn_config` as a file, for the commands."""
+    import yaml
+
+    path = tmp_path_factory.mktemp("hepattn") / "hepattn_muon.yaml"
+    path.write_text(yaml.safe_dump(hepattn_config, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def hepattn_checkpoint(hepattn_config_path, tmp_path_factory) -> Path:
+    """A Lightning checkpoint written by hepattn's own training (its LightningCLI fit, `ModelWrapper`,
+    the config's data module) after 4 steps on its generated events: tests/fit_hepattn_stage1.py."""
+    import subprocess
+    import sys
+
+    log_dir = tmp_path_factory.mktemp("hepattn_fit")
+    run = subprocess.run([sys.executable, str(ROOT / "tests" / "fit_hepattn_stage1.py"), str(hepattn_config_path),
+                          str(log_dir), "4"], capture_output=True, text=True, timeout=600)
+    if run.returncode != 0:
+        raise RuntimeError(f"hepattn's fit failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}")
+    return Path(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def hepattn_train_split():
+    from cachefeat.data.datamodule import DataSplit
+
+    return DataSplit("train")
+
+
+@pytest.fixture(scope="session")
+def hepattn_val_split():
+    from cachefeat.data.datamodule import DataSplit
+
+    return DataSplit("val")
+
+
+@pytest.fixture(scope="session")
+def hepattn_cache32(hepattn_config, hepattn_checkpoint, hepattn_train_split, tmp_path_factory):
+    """float32 cache of the training split through the hepattn checkpoint (batches of 24, blocks of 64)."""
+    return _extract(hepattn_config, hepattn_checkpoint, hepattn_train_split,
+                    tmp_path_factory.mktemp("hepattn_cache") / "train.zarr")
+
+
+@pytest.fixture(scope="session")
+def hepattn_val_cache32(hepattn_config, hepattn_checkpoint, hepattn_val_split, tmp_path_factory):
+    return _extract(hepattn_config, hepattn_checkpoint, hepattn_val_split,
+                    tmp_path_factory.mktemp("hepattn_cache") / "val.zarr")

@@ -1,5 +1,8 @@
 """The equivalence contract (DESIGN.md §8): the cached path gives the same result as live frozen
-inference. Real simulated `muon` events, the shipped stage-1 checkpoint, the shipped config.
+inference. Two worlds, the same tests: "muon" (real simulated muon events, the shipped stage-1
+checkpoint, the shipped config) and "hepattn" (the real hepattn ATLAS-muon MaskFormer of
+configs/hepattn_muon.yaml, a Lightning checkpoint from hepattn's own training, events from its
+data module; skipped where hepattn is not importable).
 
 Each test computes both sides independently: the cache side reads what `extract` wrote to disk,
 the live side runs the frozen backbone on freshly padded batches of the same events (batches of
@@ -9,13 +12,14 @@ another composition than the extraction's, so padding effects are exposed).
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from cachefeat.cache.frozen import FrozenBackbone
-from cachefeat.data.events import EventFile
+from cachefeat.data.loading import open_events
 from cachefeat.model.checkpoint import load_checkpoint
 from cachefeat.training.train import build_head, train
 
@@ -41,15 +45,29 @@ TRAJECTORY_RTOL = 3e-5
 TRAJECTORY_WEIGHT_ATOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def frozen(muon_config, stage1_checkpoint) -> FrozenBackbone:
-    return FrozenBackbone(muon_config, stage1_checkpoint)
+# The fixtures of each world: config, stage-1 checkpoint, training / validation events (an HDF5
+# path or a data-module split) and their float32 caches.
+WORLDS = {
+    "muon": dict(config="muon_config", checkpoint="stage1_checkpoint", events="muon_events",
+                 val_events="muon_val_events", cache="cache32", val_cache="val_cache32"),
+    "hepattn": dict(config="hepattn_config", checkpoint="hepattn_checkpoint", events="hepattn_train_split",
+                    val_events="hepattn_val_split", cache="hepattn_cache32", val_cache="hepattn_val_cache32"),
+}
+
+
+@pytest.fixture(scope="module", params=["muon", pytest.param("hepattn", marks=pytest.mark.hepattn)])
+def world(request) -> SimpleNamespace:
+    return SimpleNamespace(**{key: request.getfixturevalue(name) for key, name in WORLDS[request.param].items()})
 
 
 @pytest.fixture(scope="module")
-def events(muon_config, muon_events) -> EventFile:
-    data = muon_config["data"]
-    return EventFile(muon_events, data["hit_fields"], data["particle_fields"], data["max_hits"])
+def frozen(world) -> FrozenBackbone:
+    return FrozenBackbone(world.config, world.checkpoint)
+
+
+@pytest.fixture(scope="module")
+def events(world):
+    return open_events(world.config, world.events)
 
 
 def _live(frozen, events, idx, floor):
@@ -82,10 +100,10 @@ def _assert_grads_close(a: dict, b: dict, rtol=F32_RTOL, atol=F32_ATOL):
 RANDOM_BATCH = np.array([5, 77, 140, 3, 64, 65, 99, 12, 150, 31, 42, 120, 7, 88, 101, 58])
 
 
-def test_cached_features_equal_live(cache32, frozen, events):
+def test_cached_features_equal_live(world, frozen, events):
     """§8.2 and §8.5: embeddings, logits, pairs, matching and targets of a random batch."""
-    floor = cache32.settings["floor"]
-    cached = cache32.load().batch(RANDOM_BATCH)
+    floor = world.cache.settings["floor"]
+    cached = world.cache.load().batch(RANDOM_BATCH)
     live = _live(frozen, events, RANDOM_BATCH, floor)
     for name in ("event_id", "hit_offsets", "query_offsets", "query_slot", "target_index", "target_valid",
                  "pair_query", "pair_hit"):
@@ -96,13 +114,13 @@ def test_cached_features_equal_live(cache32, frozen, events):
         assert_close_f32(getattr(cached, name).float(), getattr(live, name).float(), msg=name)
 
 
-def test_pairs_are_the_bruteforce_set(cache32, frozen, events):
+def test_pairs_are_the_bruteforce_set(world, frozen, events):
     """Stored pairs = {(n, m): sigmoid(L_nm) >= floor, hit m valid} from the dense live logits."""
-    floor = cache32.settings["floor"]
+    floor = world.cache.settings["floor"]
     idx = np.arange(10, 20)
     batch = events.read(idx)
     logits = frozen.forward(batch)["track_hit_logit"]
-    cached = cache32.read_events(10, 20)
+    cached = world.cache.read_events(10, 20)
     for b in range(len(idx)):
         keep = (torch.sigmoid(logits[b]) >= floor) & batch["hit_valid"][b][None, :]
         expected = {(int(n), int(m)) for n, m in keep.nonzero()}
@@ -111,7 +129,7 @@ def test_pairs_are_the_bruteforce_set(cache32, frozen, events):
         sel = (cached.pair_query >= q0) & (cached.pair_query < q1)
         # map stored hit rows back to positions among the event's valid hits via the raw features
         hit_pos = {}
-        valid_raw = torch.stack([batch[f"hit_{f}"][b] for f in cache32.raw_fields], -1)
+        valid_raw = torch.stack([batch[f"hit_{f}"][b] for f in world.cache.raw_fields], -1)
         for row in range(h0, h1):
             match = (valid_raw == cached.hit_raw[row]).all(-1).nonzero()
             hit_pos[row] = int(match[0])
@@ -120,16 +138,16 @@ def test_pairs_are_the_bruteforce_set(cache32, frozen, events):
         assert got == expected
 
 
-def test_sparse_head_on_cache_equals_dense_head_on_live_outputs(cache32, frozen, events, muon_config):
+def test_sparse_head_on_cache_equals_dense_head_on_live_outputs(world, frozen, events):
     """§8.1 on real frozen outputs: the sparse head over the cache == the dense head over the full
     padded live outputs (all hits, full N×M logits), outputs and every gradient; τ above the floor too."""
     for threshold in (None, 0.3):
-        cached = cache32.load().batch(RANDOM_BATCH)
-        head = _head(muon_config, cache32, dropout=0.0, threshold=threshold)
+        cached = world.cache.load().batch(RANDOM_BATCH)
+        head = _head(world.config, world.cache, dropout=0.0, threshold=threshold)
         head.fit_scaling(cached.targets, cached.target_valid)
         batch = events.read(RANDOM_BATCH)
         out = frozen.forward(batch)
-        raw = torch.stack([batch[f"hit_{f}"] for f in cache32.raw_fields], -1)
+        raw = torch.stack([batch[f"hit_{f}"] for f in world.cache.raw_fields], -1)
         dense = head.forward_dense(out["query_embed"].clone(), out["hit_embed"].clone(), raw,
                                    out["track_hit_logit"].clone(), batch["hit_valid"])
         dense = dense.reshape(-1, dense.shape[-1])
@@ -142,11 +160,11 @@ def test_sparse_head_on_cache_equals_dense_head_on_live_outputs(cache32, frozen,
         _assert_grads_close(g_sparse, g_dense)
 
 
-def test_head_outputs_and_gradients_cached_equal_live(cache32, frozen, events, muon_config):
+def test_head_outputs_and_gradients_cached_equal_live(world, frozen, events):
     """§8.3: same head, same seed, dropout on: outputs and gradients w.r.t. every parameter."""
-    cached = cache32.load().batch(RANDOM_BATCH)
-    live = _live(frozen, events, RANDOM_BATCH, cache32.settings["floor"])
-    head = _head(muon_config, cache32, dropout=0.2)
+    cached = world.cache.load().batch(RANDOM_BATCH)
+    live = _live(frozen, events, RANDOM_BATCH, world.cache.settings["floor"])
+    head = _head(world.config, world.cache, dropout=0.2)
     head.fit_scaling(cached.targets, cached.target_valid)
     head.train()
     streams = {k: v.clone() for k, v in head.state_dict().items() if k.endswith("stream")}  # dropout streams
@@ -160,17 +178,16 @@ def test_head_outputs_and_gradients_cached_equal_live(cache32, frozen, events, m
     _assert_grads_close(g_c, g_l)
 
 
-def test_training_trajectory_cached_equals_live(cache32, val_cache32, muon_config, stage1_checkpoint, muon_events,
-                                                muon_val_events, tmp_path):
+def test_training_trajectory_cached_equals_live(world, tmp_path):
     """§8.4: 50 optimizer steps from one seed, dropout on: the per-step loss curve and the final
     weights are the same whether the head reads the cache or the live frozen backbone."""
-    config = copy.deepcopy(muon_config)
+    config = copy.deepcopy(world.config)
     config["train"].update(batch_size=8, epochs=3)
     config["head"]["init_args"]["dropout"] = 0.1
-    cached = train(config, tmp_path / "cached", source="cache", cache=cache32.path, val_cache=val_cache32.path,
-                   data_mode="memory", max_steps=50, device="cpu")
-    live = train(config, tmp_path / "live", source="live", checkpoint=stage1_checkpoint, input=muon_events,
-                 val_input=muon_val_events, max_steps=50, device="cpu")
+    cached = train(config, tmp_path / "cached", source="cache", cache=world.cache.path,
+                   val_cache=world.val_cache.path, data_mode="memory", max_steps=50, device="cpu")
+    live = train(config, tmp_path / "live", source="live", checkpoint=world.checkpoint, input=world.events,
+                 val_input=world.val_events, max_steps=50, device="cpu")
     assert len(cached["step_losses"]) == len(live["step_losses"]) == 50
     np.testing.assert_allclose(cached["step_losses"], live["step_losses"], rtol=TRAJECTORY_RTOL)
     w_cached = load_checkpoint(tmp_path / "cached" / "head.ckpt")["state_dict"]

@@ -191,7 +191,7 @@ def extract(
     from cachefeat.cache.fingerprint import make_fingerprint
     from cachefeat.cache.frozen import FrozenBackbone, backbone_fingerprint_inputs
     from cachefeat.cache.writer import CacheWriter
-    from cachefeat.data.events import EventFile
+    from cachefeat.data.loading import open_events
     from cachefeat.model.metrics import COUNT_KEYS
 
     if mode not in MODES:
@@ -213,9 +213,8 @@ def extract(
     device = _check_device(device)
     output = Path(output)
 
-    data = config.get("data") or {}
     backbone = FrozenBackbone(config, checkpoint, device=device, precision=opts["precision"])
-    events = EventFile(input, backbone.hit_fields, backbone.particle_fields, max_hits=data.get("max_hits"))
+    events = open_events(config, input)
     settings = fingerprint_settings(opts)
     fingerprint = make_fingerprint(
         checkpoint_sha256=backbone.checkpoint_sha256,

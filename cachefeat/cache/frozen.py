@@ -12,7 +12,6 @@ import contextlib
 import numpy as np
 import torch
 
-from cachefeat.config import instantiate
 from cachefeat.errors import UserError
 from cachefeat.head.inputs import HeadBatch, from_model_outputs
 from cachefeat.model.layers import warm_up_cpu_trig
@@ -22,8 +21,12 @@ PRECISIONS = ("fp32", "bf16")
 
 def backbone_fingerprint_inputs(config: dict) -> dict:
     """The part of a config that determines the backbone's outputs: model block, data fields, max_hits."""
+    from cachefeat.model.hepattn import is_hepattn_block, settings
+
     data = config.get("data") or {}
+    extra = {"hepattn": settings(config)} if is_hepattn_block(config.get("model")) else {}
     return {
+        **extra,
         "model": config.get("model"),
         "hit_fields": list(data.get("hit_fields") or []),
         "particle_fields": list(data.get("particle_fields") or []),
@@ -35,7 +38,8 @@ class FrozenBackbone:
     """The stage-1 model, frozen: eval mode, no gradients, forward under `torch.inference_mode()`.
 
     Attributes:
-        model: the MaskFormer built from `config["model"]` with the checkpoint's weights.
+        model: the backbone built from `config["model"]` (cachefeat's MaskFormer, any module with its
+            interface, or a hepattn MaskFormer behind `HepattnBackbone`) with the checkpoint's weights.
         checkpoint_sha256: sha256 of the loaded weights (for the cache fingerprint).
         hit_fields, particle_fields: the config's `data` field lists.
         raw_fields: the hit fields stored as raw head inputs (= `hit_fields`).
@@ -44,6 +48,7 @@ class FrozenBackbone:
     """
 
     def __init__(self, config: dict, checkpoint_path, device="cpu", precision: str = "fp32"):
+        from cachefeat.model.backbone import build_backbone
         from cachefeat.model.checkpoint import load_checkpoint, load_model_state
 
         if precision not in PRECISIONS:
@@ -60,7 +65,7 @@ class FrozenBackbone:
         self.precision = precision
 
         ckpt = load_checkpoint(checkpoint_path)  # UserError: missing, foreign or corrupt file
-        self.model = instantiate(config["model"], "model", hit_fields=self.hit_fields)
+        self.model = build_backbone(config)
         load_model_state(self.model, ckpt)  # UserError: another architecture
         self.checkpoint_sha256 = ckpt["weights_sha256"]
         self.model.requires_grad_(False)

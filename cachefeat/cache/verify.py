@@ -225,7 +225,7 @@ def verify_cache(config: dict, cache, checkpoint, input, *, events: int = 64, se
     from cachefeat.cache.frozen import FrozenBackbone, backbone_fingerprint_inputs
     from cachefeat.cache.reader import CacheReader
     from cachefeat.config import section
-    from cachefeat.data.events import EventFile
+    from cachefeat.data.loading import open_events
     from cachefeat.training.train import build_head
 
     if events < 1:
@@ -244,8 +244,7 @@ def verify_cache(config: dict, cache, checkpoint, input, *, events: int = 64, se
     settings = {**reader.settings, **(fingerprint.get("settings") or {})}
     precision = settings.get("precision", "fp32")
     backbone = FrozenBackbone(config, checkpoint, device=device, precision=precision)
-    data = config["data"]
-    with EventFile(input, backbone.hit_fields, backbone.particle_fields, data.get("max_hits")) as event_file:
+    with open_events(config, input) as event_file:
         expected = make_fingerprint(
             checkpoint_sha256=backbone.checkpoint_sha256,
             backbone_config=backbone_fingerprint_inputs(config),

@@ -59,6 +59,12 @@ def add_set_option(p, example: str) -> None:
                    help=f"dotted config override, e.g. --set {example} (repeatable)")
 
 
+def add_split_option(p, flag: str = "--split", what: str = "events") -> None:
+    """`--split train|val|test`: the split of the config's hepattn data module (data.module) to read."""
+    p.add_argument(flag, choices=["train", "val", "test"],
+                   help=f"the {what} as a split of the config's data module (data.module), in place of an HDF5 file")
+
+
 def require_positive(args, *names: str) -> None:
     """UserError for the first of the integer options `names` given with a value below 1."""
     for name in names:

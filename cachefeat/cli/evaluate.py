@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cachefeat.cli import add_set_option, example_epilog, require_positive
+from cachefeat.cli import add_set_option, add_split_option, example_epilog, require_positive
 from cachefeat.errors import UserError
 
 
@@ -28,6 +28,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--cache", help="test cache (from `cachefeat extract`), for --source cache")
     p.add_argument("--checkpoint", help="stage-1 checkpoint, for --source live")
     p.add_argument("--input", help="test events (HDF5), for --source live")
+    add_split_option(p, what="test events, for --source live,")
     p.add_argument("--bz", type=float, metavar="TESLA", help="solenoid field for the helix fit (default: evaluate.bz)")
     p.add_argument("--batch-size", type=int, default=256, help="events per batch (default 256)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
@@ -40,6 +41,7 @@ def run(args) -> int:
     import torch
 
     from cachefeat.config import load_config
+    from cachefeat.data.loading import resolve_input
     from cachefeat.evaluation.predict import evaluate
 
     require_positive(args, "batch_size")
@@ -48,6 +50,6 @@ def run(args) -> int:
         raise UserError("--device cuda: no CUDA device is available")
     config = load_config(args.config, args.set)
     evaluate(config, args.head, args.output, source=args.source, cache=args.cache, checkpoint=args.checkpoint,
-             input=args.input, bz=args.bz, batch_size=args.batch_size, device=device,
+             input=resolve_input(config, args.input, args.split), bz=args.bz, batch_size=args.batch_size, device=device,
              progress=not args.no_progress)
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from cachefeat.cli import add_set_option, example_epilog
+from cachefeat.cli import add_set_option, add_split_option, example_epilog
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +22,11 @@ def add_parser(subparsers) -> None:
         ),
     )
     p.add_argument("--config", required=True, help="YAML config (data, model, head, extract sections)")
-    p.add_argument("--checkpoint", required=True, help="stage-1 checkpoint (from `cachefeat pretrain`)")
-    p.add_argument("--input", required=True, help="event file (HDF5, from `cachefeat simulate`)")
+    p.add_argument("--checkpoint", required=True,
+                   help="stage-1 checkpoint (from `cachefeat pretrain`, or the Lightning .ckpt of hepattn's training)")
+    events = p.add_mutually_exclusive_group(required=True)
+    events.add_argument("--input", help="event file (HDF5, from `cachefeat simulate`)")
+    add_split_option(events)
     p.add_argument("--output", required=True, help="cache directory to write (Zarr v3)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true", help="finish an interrupted extraction (same settings)")
@@ -52,13 +55,15 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from cachefeat.cache.extract import extract
     from cachefeat.config import load_config
+    from cachefeat.data.loading import resolve_input
 
     config = load_config(args.config, args.set)
+    source = resolve_input(config, args.input, args.split)
     mode = "resume" if args.resume else "overwrite" if args.overwrite else "create"
     summary = extract(
         config,
         args.checkpoint,
-        args.input,
+        source,
         args.output,
         mode=mode,
         batch_size=args.batch_size,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cachefeat.cli import add_set_option, example_epilog, require_positive
+from cachefeat.cli import add_set_option, add_split_option, example_epilog, require_positive
 from cachefeat.errors import UserError
 
 
@@ -32,6 +32,8 @@ def add_parser(sub) -> None:
     p.add_argument("--input", help="training events (HDF5): required for --source live; with a cache, checked "
                    "against its fingerprint")
     p.add_argument("--val-input", help="validation events (HDF5), for --source live")
+    add_split_option(p, what="training events, for --source live or to check the cache's fingerprint,")
+    add_split_option(p, "--val-split", what="validation events, for --source live,")
     p.add_argument("--data", choices=["auto", "memory", "stream"], default="auto",
                    help="cache access: resident in memory, streamed from disk, or auto (default)")
     p.add_argument("--head-impl", choices=["sparse", "dense"], help="override head.init_args.impl")
@@ -49,6 +51,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from cachefeat.config import load_config
+    from cachefeat.data.loading import resolve_input
     from cachefeat.training.train import train
 
     config = load_config(args.config, args.set, require=("data", "head"))
@@ -58,8 +61,10 @@ def run(args) -> int:
         raise UserError(f"{out} already holds a run; pass --resume to continue it or choose another --output")
     if args.resume and not out.is_dir():
         raise UserError(f"nothing to resume: {out} does not exist")
+    events = resolve_input(config, args.input, args.split)
+    val_events = resolve_input(config, args.val_input, args.val_split, "--val-input", "--val-split")
     train(config, out, source=args.source, cache=args.cache, val_cache=args.val_cache, checkpoint=args.checkpoint,
-          input=args.input, val_input=args.val_input, resume=args.resume, allow_stale=args.allow_stale,
+          input=events, val_input=val_events, resume=args.resume, allow_stale=args.allow_stale,
           max_epochs=args.max_epochs, batch_size=args.batch_size, seed=args.seed, data_mode=args.data,
           head_impl=args.head_impl, device=args.device, max_steps=args.max_steps)
     return 0

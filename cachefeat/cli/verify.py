@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from cachefeat.cli import add_set_option, example_epilog, require_positive
+from cachefeat.cli import add_set_option, add_split_option, example_epilog, require_positive
 from cachefeat.errors import UserError
 
 
@@ -28,7 +28,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("cache", help="cache directory (.zarr) written by `cachefeat extract`")
     p.add_argument("--config", required=True, help="the YAML config the cache was extracted with")
     p.add_argument("--checkpoint", required=True, help="the stage-1 checkpoint it was extracted with")
-    p.add_argument("--input", required=True, help="the event file (HDF5) it was extracted from")
+    events = p.add_mutually_exclusive_group(required=True)
+    events.add_argument("--input", help="the event file (HDF5) it was extracted from")
+    add_split_option(events)
     p.add_argument("--events", type=int, default=64, help="events to sample (default 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample and of the head's weights (default 0)")
     p.add_argument("--batch-size", type=int, help="live batch size B (default: extract.batch_size)")
@@ -43,6 +45,7 @@ def run(args) -> int:
 
     from cachefeat.cache.verify import failed_fields, format_report, verify_cache
     from cachefeat.config import load_config
+    from cachefeat.data.loading import resolve_input
 
     require_positive(args, "events", "batch_size")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -53,7 +56,8 @@ def run(args) -> int:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
     config = load_config(args.config, args.set, require=("data", "model", "head"))
-    report = verify_cache(config, args.cache, args.checkpoint, args.input, events=args.events, seed=args.seed,
+    source = resolve_input(config, args.input, args.split)
+    report = verify_cache(config, args.cache, args.checkpoint, source, events=args.events, seed=args.seed,
                           batch_size=args.batch_size, device=device)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     failed = failed_fields(report)

@@ -41,7 +41,7 @@ COLUMNS = {
     "n_assigned": "int64", "fit_status": "bool",
     **{f"{kind}_{f}": "float64" for kind in ("head", "true", "fit") for f in TRACK_FIELDS},
 }
-EVALUATE_DEFAULTS = {"bz": None}
+EVALUATE_DEFAULTS = {"bz": None, "fit": True}  # fit: false for data without solenoid hit coordinates
 
 
 def load_head(path, device="cpu"):
@@ -70,7 +70,8 @@ def load_head(path, device="cpu"):
 def predict_batch(head, hb: HeadBatch, bz: float) -> dict[str, np.ndarray]:
     """The prediction columns (see `COLUMNS`) of every query of `hb`, as numpy arrays [Q].
 
-    The fit uses the hits the head pools: pairs with sigmoid(logit) >= head.assignment_threshold.
+    The fit uses the hits the head pools: pairs with sigmoid(logit) >= head.assignment_threshold;
+    `bz` None: no fit (fit columns NaN, fit_status False).
     """
     device = next(head.parameters()).device
     hb = hb.to(device).float()
@@ -78,8 +79,13 @@ def predict_batch(head, hb: HeadBatch, bz: float) -> dict[str, np.ndarray]:
     decoded = head.decode(head(hb))
     keep = torch.sigmoid(hb.pair_logit) >= head.assignment_threshold
     query, hit = hb.pair_query[keep], hb.pair_hit[keep]
-    xyz = hb.hit_raw[hit][:, [head.raw_fields.index(f) for f in FIT_INPUTS]].double().cpu().numpy()
-    fit = fit_helices(xyz[:, 0], xyz[:, 1], xyz[:, 2], query.cpu().numpy(), Q, bz)
+    if bz is None:
+        nan = np.full(Q, np.nan)
+        fit = {"n_hits": np.bincount(query.cpu().numpy(), minlength=Q).astype(np.int64),
+               "status": np.zeros(Q, dtype=bool), **{f: nan for f in TRACK_FIELDS}}
+    else:
+        xyz = hb.hit_raw[hit][:, [head.raw_fields.index(f) for f in FIT_INPUTS]].double().cpu().numpy()
+        fit = fit_helices(xyz[:, 0], xyz[:, 1], xyz[:, 2], query.cpu().numpy(), Q, bz)
 
     valid = hb.target_valid.bool().cpu().numpy()
     out = {
@@ -167,7 +173,7 @@ def resolve_bz(config: dict, bz: float | None) -> float:
     return float(bz)
 
 
-def _check_fields(head, raw_fields: list[str], particle_fields: list[str], what: str) -> None:
+def _check_fields(head, raw_fields: list[str], particle_fields: list[str], what: str, fit: bool = True) -> None:
     if list(raw_fields) != list(head.raw_fields):
         raise UserError(f"the head reads raw hit fields [{', '.join(head.raw_fields)}] but {what} holds "
                         f"[{', '.join(raw_fields)}]")
@@ -175,8 +181,9 @@ def _check_fields(head, raw_fields: list[str], particle_fields: list[str], what:
         raise UserError(f"the head expects particle fields [{', '.join(head.particle_fields)}] but {what} holds "
                         f"[{', '.join(particle_fields)}]")
     missing = [f for f in FIT_INPUTS if f not in head.raw_fields]
-    if missing:
-        raise UserError(f"the helix fit needs the raw hit fields x, y, z; {what} lacks {', '.join(missing)}")
+    if fit and missing:
+        raise UserError(f"the helix fit needs the raw hit fields x, y, z; {what} lacks {', '.join(missing)} "
+                        "(set evaluate.fit: false to evaluate the head alone)")
 
 
 def _check_backbone(ckpt: dict, checkpoint_sha256: str | None, backbone_config_hash: str | None, what: str) -> None:
@@ -230,7 +237,8 @@ def evaluate(config: dict, head_ckpt, output, *, source: str = "cache", cache=No
         head_ckpt: head.ckpt written by `cachefeat train`.
         output: evaluation directory (created; existing outputs are replaced).
         source: "cache" (reads `cache`) or "live" (runs the stage-1 `checkpoint` on `input`).
-        bz: solenoid field (T); default `evaluate.bz` from the config.
+        bz: solenoid field (T); default `evaluate.bz` from the config. With `evaluate.fit: false`
+            there is no helix fit (its columns are NaN) and no field is needed.
         batch_size: events per batch.
 
     Returns:
@@ -240,7 +248,8 @@ def evaluate(config: dict, head_ckpt, output, *, source: str = "cache", cache=No
         raise UserError(f"source must be 'cache' or 'live', not {source!r}")
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}")
-    bz = resolve_bz(config, bz)
+    fit = section(config, "evaluate", EVALUATE_DEFAULTS)["fit"]
+    bz = resolve_bz(config, bz) if fit else None
     try:
         device = torch.device(device)
     except RuntimeError as exc:
@@ -254,7 +263,7 @@ def evaluate(config: dict, head_ckpt, output, *, source: str = "cache", cache=No
             raise UserError("--source cache needs --cache TEST.zarr")
         reader = CacheReader(cache)
         what = f"cache {cache}"
-        _check_fields(head, reader.raw_fields, reader.particle_fields, what)
+        _check_fields(head, reader.raw_fields, reader.particle_fields, what, fit)
         fp = reader.fingerprint
         _check_backbone(ckpt, fp.get("checkpoint_sha256"), fp.get("backbone_config_hash"), what)
         floor = float(reader.settings.get("floor", 0.0))
@@ -266,14 +275,13 @@ def evaluate(config: dict, head_ckpt, output, *, source: str = "cache", cache=No
     else:
         from cachefeat.cache.frozen import FrozenBackbone, backbone_fingerprint_inputs
         from cachefeat.config import stable_hash
-        from cachefeat.data.events import EventFile
+        from cachefeat.data.loading import open_events
 
         if checkpoint is None or input is None:
             raise UserError("--source live needs --checkpoint STAGE1.ckpt and --input TEST.h5")
         frozen = FrozenBackbone(config, checkpoint, device)
-        data = config["data"]
-        events = EventFile(input, data["hit_fields"], data["particle_fields"], data.get("max_hits"))
-        _check_fields(head, frozen.raw_fields, frozen.particle_fields, "the config's data section")
+        events = open_events(config, input)
+        _check_fields(head, frozen.raw_fields, frozen.particle_fields, "the config's data section", fit)
         _check_backbone(ckpt, frozen.checkpoint_sha256, stable_hash(backbone_fingerprint_inputs(config)),
                         f"checkpoint {checkpoint}")
         total = len(events)

@@ -1,5 +1,10 @@
 """Stage-1 checkpoints: a torch file holding the weights (keys prefixed `model.`, as Lightning
 writes them), the full config and the sha256 of the weights.
+
+`load_checkpoint` also takes, as it is, the Lightning `.ckpt` that hepattn's training writes
+(`state_dict` with `model.<MaskFormer key>`, `hyper_parameters`, `pytorch-lightning_version`):
+its fingerprint is the sha256 of those weights, computed on load, and its `config` is the
+hyper-parameters. A backbone whose weights live in a submodule names it `stage1_module`.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, config: dict, head: nn.M
         raise ValueError(f"save_checkpoint: extra keys {sorted(clash)} are reserved")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {f"model.{k}": v.detach().cpu() for k, v in model.state_dict().items()}
+    state = {f"model.{k}": v.detach().cpu() for k, v in stage1_module(model).state_dict().items()}
     if head is not None:
         state.update({f"head.{k}": v.detach().cpu() for k, v in head.state_dict().items()})
         extra["head_config"] = head.head_config()
@@ -55,11 +60,22 @@ def save_checkpoint(path: str | Path, model: nn.Module, config: dict, head: nn.M
         tmp.unlink(missing_ok=True)
 
 
+def stage1_module(model: nn.Module) -> nn.Module:
+    """The module whose weights a stage-1 checkpoint holds: `model.stage1_module` if it has one."""
+    return getattr(model, "stage1_module", model)
+
+
+def is_lightning_checkpoint(ckpt) -> bool:
+    return isinstance(ckpt, dict) and "pytorch-lightning_version" in ckpt and isinstance(ckpt.get("state_dict"), dict)
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """Read and verify a checkpoint; the returned dict also holds "path" (str).
 
-    Raises UserError when the file is missing, is not a cachefeat checkpoint, or its weights do
-    not match the recorded sha256 (a corrupt file).
+    A Lightning checkpoint gets "weights_sha256" (computed here) and "config" (its
+    hyper-parameters); its other entries (loops, optimizer states) are dropped.
+    Raises UserError when the file is missing, is not a cachefeat or Lightning checkpoint, or its
+    weights do not match the recorded sha256 (a corrupt file).
     """
     path = Path(path)
     if not path.is_file():
@@ -69,6 +85,10 @@ def load_checkpoint(path: str | Path) -> dict:
     except Exception as exc:  # torch raises several types for unreadable or foreign files
         reason = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{path} is not a readable cachefeat checkpoint ({reason})") from exc
+    if is_lightning_checkpoint(ckpt):
+        state = ckpt["state_dict"]
+        return {"state_dict": state, "config": ckpt.get("hyper_parameters") or {},
+                "weights_sha256": weights_sha256(state), "path": str(path), "lightning": True}
     if not isinstance(ckpt, dict) or any(key not in ckpt for key in REQUIRED_KEYS):
         raise UserError(f"{path} is not a cachefeat checkpoint (it needs the keys {', '.join(REQUIRED_KEYS)})")
     actual = weights_sha256(ckpt["state_dict"])
@@ -89,6 +109,7 @@ def load_model_state(model: nn.Module, ckpt: dict, prefix: str = "model.") -> No
     """
     where = ckpt.get("path", "<in memory>")
     state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    model = stage1_module(model)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

@@ -17,9 +17,11 @@ from tqdm import tqdm
 
 from cachefeat.config import instantiate, section
 from cachefeat.data.events import EventFile, bucketed_batches
+from cachefeat.errors import UserError
 from cachefeat.evaluation.metrics import regression_metrics
 from cachefeat.head.inputs import from_model_outputs
 from cachefeat.model.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from cachefeat.model.hepattn import is_hepattn_block
 from cachefeat.model.layers import count_parameters
 from cachefeat.model.metrics import event_metrics, summarize
 from cachefeat.training.accel import (
@@ -162,6 +164,9 @@ def pretrain(config: dict, train_path, val_path, run_dir, *, epochs: int | None 
     Accelerate checkpoints under RUN_DIR/checkpoints/. Joint checkpoints also hold the head
     (see `save_checkpoint`): `cachefeat evaluate --head` and `--checkpoint` both take them.
     """
+    if is_hepattn_block(config.get("model")):
+        raise UserError("cachefeat pretrain trains cachefeat's own MaskFormer; train a hepattn stage 1 with "
+                        "hepattn's run_tracking.py and give its checkpoint to `cachefeat extract`")
     settings = section(config, "pretrain", DEFAULTS)
     for key, value in {"epochs": epochs, "batch_size": batch_size, "joint": joint, "seed": seed,
                        "init": init}.items():

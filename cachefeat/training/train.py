@@ -178,14 +178,14 @@ def train(config: dict, run_dir, *, source: str = "cache", cache=None, val_cache
     frozen_counts = None
     if source == "cache":
         from cachefeat.cache.reader import CacheReader
-        from cachefeat.data.events import EventFile
+        from cachefeat.data.loading import open_events
 
         if cache is None or val_cache is None:
             raise UserError("--cache and --val-cache are required with --source cache")
         reader, val_reader = CacheReader(cache), CacheReader(val_cache)
         input_hash = None
         if input is not None:
-            with EventFile(input, data["hit_fields"], data["particle_fields"]) as events:
+            with open_events(config, input) as events:
                 input_hash = events.content_hash()
         sha = stage1["weights_sha256"] if stage1 else None
         check_cache(reader, config, checkpoint_sha256=sha, input_hash=input_hash,
@@ -219,7 +219,7 @@ def train(config: dict, run_dir, *, source: str = "cache", cache=None, val_cache
                           f"(cache mode, {data_mode}); {reader.num_events:,} training events")
     elif source == "live":
         from cachefeat.cache.frozen import FrozenBackbone
-        from cachefeat.data.events import EventFile
+        from cachefeat.data.loading import open_events
 
         if checkpoint is None or input is None or val_input is None:
             raise UserError("--checkpoint, --input and --val-input are required with --source live")
@@ -227,8 +227,7 @@ def train(config: dict, run_dir, *, source: str = "cache", cache=None, val_cache
         raw_fields, particle_fields = list(data["hit_fields"]), list(data["particle_fields"])
         head = build_head(config, raw_fields, particle_fields, head_impl, settings["seed"])
         floor = head.assignment_threshold
-        events = EventFile(input, data["hit_fields"], data["particle_fields"], data.get("max_hits"))
-        val_events = EventFile(val_input, data["hit_fields"], data["particle_fields"], data.get("max_hits"))
+        events, val_events = open_events(config, input), open_events(config, val_input)
         keep_hits = "all" if head.impl == "dense" else "assigned"
         train_source = LiveSource(frozen, events, settings["batch_size"], settings["seed"], rank, world, floor,
                                   accelerator.device, keep_hits)

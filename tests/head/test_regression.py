@@ -4,9 +4,6 @@ the reference-workflow options (dense hit nets vs hepattn's Dense, raw_hit_field
 import copy
 import json
 import math
-import sys
-import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -509,23 +506,11 @@ def test_inverse_needs_charge():
 
 # ---- hit_net="dense": hepattn's Dense block with SwiGLU ------------------------------------
 
-HEPATTN_SRC = Path(__file__).resolve().parents[2] / ".." / "shared" / "hepattn" / "src"
-
-
 @pytest.fixture(scope="module")
-def hepattn_dense():
+def hepattn_dense(hepattn_src):
     """hepattn's own `Dense` class (from ../shared/hepattn/src), or a skip that says why not."""
-    src = HEPATTN_SRC.resolve()
-    if not src.is_dir():
-        pytest.skip(f"hepattn source not found at {src} (the shared folder next to the repository)")
-    if str(src) not in sys.path:
-        sys.path.insert(0, str(src))
-    try:
-        with warnings.catch_warnings():  # hepattn's imports use torch.jit.script_method (deprecated)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            from hepattn.models.dense import Dense
-    except Exception as exc:  # a missing runtime package surfaces as any import-time error
-        pytest.skip(f"cannot import hepattn.models.dense from {src}: {type(exc).__name__}: {exc}")
+    from hepattn.models.dense import Dense
+
     return Dense
 
 
