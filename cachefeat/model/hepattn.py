@@ -169,7 +169,8 @@ class HepattnBackbone(nn.Module):
         x = output[0]
         self._captured = {"hit_embed": x[f"{self.input_name}_embed"], "query_embed": x["query_embed"]}
 
-    def _inputs(self, batch: dict) -> dict[str, Tensor]:
+    def hepattn_inputs(self, batch: dict) -> dict[str, Tensor]:
+        """The model's input dict (`hit_valid`, `hit_<f>` under its input name) from a cachefeat batch."""
         prefix = f"{self.input_name}_"
         return {f"{prefix}{f}": batch[f"hit_{f}"] for f in self.hit_fields} | {f"{prefix}valid": batch["hit_valid"]}
 
@@ -184,7 +185,7 @@ class HepattnBackbone(nn.Module):
     def forward(self, batch: dict) -> dict:
         """Padded outputs for a cachefeat batch (`hit_valid`, `hit_<f>`): the four tensors and `hepattn`,
         the model's own output dict (hit order as the model's)."""
-        inputs = self._inputs(batch)
+        inputs = self.hepattn_inputs(batch)
         self._captured = None
         raw = self.maskformer(inputs)
         if self._captured is None:

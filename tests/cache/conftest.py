@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import copy
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import h5py
@@ -347,6 +351,56 @@ def block_manifests(path) -> dict[str, dict]:
     return out
 
 
+def committed_blocks(cache: Path) -> list[str]:
+    """Names of the blocks whose manifest says committed (read straight from zarr.json)."""
+    out = []
+    for meta in (cache / "blocks").glob("*/zarr.json") if (cache / "blocks").is_dir() else []:
+        try:
+            attrs = json.loads(meta.read_text()).get("attributes", {})
+        except (OSError, ValueError):  # being rewritten
+            continue
+        if attrs.get("committed"):
+            out.append(meta.parent.name)
+    return sorted(out)
+
+
+def assert_committed_blocks_intact(cache: Path) -> None:
+    """Every file a committed block's manifest lists exists with the listed size."""
+    for name in committed_blocks(cache):
+        files = json.loads((cache / "blocks" / name / "zarr.json").read_text())["attributes"]["files"]
+        assert files
+        for key, (size, _) in files.items():
+            path = cache / "blocks" / name / key
+            assert path.is_file() and path.stat().st_size == size, (name, key)
+
+
+def assert_same_cache(a: Path, b: Path) -> None:
+    """Same decoded arrays and the same bytes (every block's file sizes and checksums)."""
+    arrays_a, arrays_b = cache_arrays(a), cache_arrays(b)
+    assert arrays_a.keys() == arrays_b.keys()
+    for key in arrays_a:
+        np.testing.assert_array_equal(arrays_a[key], arrays_b[key], err_msg=key)
+    assert block_manifests(a) == block_manifests(b)
+
+
+def kill_when(args: list[str], ready) -> None:
+    """Start `python -m cachefeat extract ARGS` and SIGKILL it as soon as `ready()` holds."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cachefeat", "extract", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 120
+    try:
+        while not ready():
+            assert proc.poll() is None, f"extract ended before the kill: {proc.stderr.read().decode()[-2000:]}"
+            assert time.monotonic() < deadline, "no progress"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+
+
 @pytest.fixture(scope="session")
 def ref():
     """The helpers above, for test modules (a conftest cannot be imported by name reliably)."""
@@ -368,4 +422,8 @@ def ref():
         assert_cache_equals_live=assert_cache_equals_live,
         cache_arrays=cache_arrays,
         block_manifests=block_manifests,
+        committed_blocks=committed_blocks,
+        assert_committed_blocks_intact=assert_committed_blocks_intact,
+        assert_same_cache=assert_same_cache,
+        kill_when=kill_when,
     )

@@ -4,68 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
-import sys
-import time
-from pathlib import Path
 
-import numpy as np
 import pytest
 
 from cachefeat.cli import main
 from cachefeat.errors import UserError
-
-
-def committed_blocks(cache: Path) -> list[str]:
-    """Names of the blocks whose manifest says committed (read straight from zarr.json)."""
-    out = []
-    for meta in (cache / "blocks").glob("*/zarr.json") if (cache / "blocks").is_dir() else []:
-        try:
-            attrs = json.loads(meta.read_text()).get("attributes", {})
-        except (OSError, ValueError):  # being rewritten
-            continue
-        if attrs.get("committed"):
-            out.append(meta.parent.name)
-    return sorted(out)
-
-
-def assert_committed_blocks_intact(cache: Path) -> None:
-    """Every file a committed block's manifest lists exists with the listed size."""
-    for name in committed_blocks(cache):
-        files = json.loads((cache / "blocks" / name / "zarr.json").read_text())["attributes"]["files"]
-        assert files
-        for key, (size, _) in files.items():
-            path = cache / "blocks" / name / key
-            assert path.is_file() and path.stat().st_size == size, (name, key)
-
-
-def assert_same_cache(ref, a: Path, b: Path) -> None:
-    """Same decoded arrays and the same bytes (every block's file sizes and checksums)."""
-    arrays_a, arrays_b = ref.cache_arrays(a), ref.cache_arrays(b)
-    assert arrays_a.keys() == arrays_b.keys()
-    for key in arrays_a:
-        np.testing.assert_array_equal(arrays_a[key], arrays_b[key], err_msg=key)
-    assert ref.block_manifests(a) == ref.block_manifests(b)
-
-
-def kill_when(args: list[str], ready) -> None:
-    """Start `python -m cachefeat extract ARGS` and SIGKILL it as soon as `ready()` holds."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cachefeat", "extract", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    deadline = time.monotonic() + 120
-    try:
-        while not ready():
-            assert proc.poll() is None, f"extract ended before the kill: {proc.stderr.read().decode()[-2000:]}"
-            assert time.monotonic() < deadline, "no progress"
-            time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-        proc.stderr.close()
 
 
 @pytest.mark.slow
@@ -76,20 +21,20 @@ def test_sigkill_then_resume_gives_the_same_cache(ref, cache, config_file, check
 
     out = tmp_path / "killed.zarr"
     args = ref.extract_args(config_file, checkpoint, events_file, out)
-    kill_when(args, lambda: (out / "blocks" / "000001").exists())
-    assert len(committed_blocks(out)) < 3
+    ref.kill_when(args, lambda: (out / "blocks" / "000001").exists())
+    assert len(ref.committed_blocks(out)) < 3
     assert (out / ".lock").exists()  # left by the killed writer; stale now
     with pytest.raises(UserError, match="incomplete"):
         CacheReader(out)
-    assert_committed_blocks_intact(out)
+    ref.assert_committed_blocks_intact(out)
 
-    kill_when([*args, "--resume"], lambda: len(committed_blocks(out)) >= 2)
-    assert len(committed_blocks(out)) >= 2  # 3 if the kill came after the last commit, before finalize
-    assert_committed_blocks_intact(out)
+    ref.kill_when([*args, "--resume"], lambda: len(ref.committed_blocks(out)) >= 2)
+    assert len(ref.committed_blocks(out)) >= 2  # 3 if the kill came after the last commit, before finalize
+    ref.assert_committed_blocks_intact(out)
 
     assert main(["extract", *args, "--resume"]) == 0
     assert not (out / ".lock").exists()
-    assert_same_cache(ref, cache, out)
+    ref.assert_same_cache(cache, out)
 
 
 @pytest.fixture
@@ -122,13 +67,13 @@ def test_disk_full_then_resume(ref, capsys, small_disk, cache, config_file, chec
     lines = [line for line in err.splitlines() if line.startswith("cachefeat extract: error:")]
     assert len(lines) == 1 and "Traceback" not in err, err
     assert "disk full" in lines[0] and str(out) in lines[0]
-    assert len(committed_blocks(out)) < -(-ref.NUM_EVENTS // 16)
-    assert_committed_blocks_intact(out)
+    assert len(ref.committed_blocks(out)) < -(-ref.NUM_EVENTS // 16)
+    ref.assert_committed_blocks_intact(out)
     assert not (out / ".lock").exists()
 
     grow()
     assert main([*args, "--resume"]) == 0
-    assert_same_cache(ref, cache, out)
+    ref.assert_same_cache(cache, out)
 
 
 def test_lock_of_a_live_writer_is_respected(ref, capsys, config_file, checkpoint, events_file, tmp_path):

@@ -1,0 +1,121 @@
+"""The hepattn path side by side (when hepattn is importable): the real ATLAS-muon MaskFormer of
+configs/hepattn_muon.yaml with a Lightning checkpoint from hepattn's own training (4 steps: the
+speed does not depend on the weights' quality), events from its data module (`dummy_data`).
+
+- `hepattn_extract_vs_forward`: `cachefeat extract` of the training split vs hepattn's own frozen
+  forward (the MaskFormer under inference_mode) over the same events in the same batches, each
+  reading its batches from the data module; rounds alternate.
+- `hepattn_speedup_cached_memory_vs_live`: `cachefeat train` over the cache in memory vs the live
+  hepattn stage 2 (`--source live`, the frozen forward on every batch): same head, same batches,
+  same steps; the last of 2 epochs of each (no validation), rounds alternate, medians.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ROUNDS = 3
+
+
+@pytest.fixture(scope="module")
+def hep(hepattn_src, bench_settings, tmp_path_factory):
+    import yaml
+
+    from cachefeat.config import load_config
+
+    n = max(bench_settings.n_train, 256)
+    config = load_config(ROOT / "configs" / "hepattn_muon.yaml", [
+        f"data.module.init_args.num_train={n}", "data.module.init_args.num_val=256",
+        f"train.batch_size={bench_settings.batch_size}"])
+    work = tmp_path_factory.mktemp("hepattn_bench")
+    path = work / "hepattn_muon.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    run = subprocess.run([sys.executable, str(ROOT / "tests" / "fit_hepattn_stage1.py"), str(path), str(work / "fit"),
+                          "4"], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return {"config": config, "checkpoint": run.stdout.strip().splitlines()[-1], "work": work, "n_train": n}
+
+
+def _reset_accelerate():
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.benchmark(group="hepattn")
+def test_hepattn_extract_vs_forward(benchmark, hep, bench_settings, results):
+    import torch
+
+    from cachefeat.cache.extract import extract, resolve_options
+    from cachefeat.cache.frozen import FrozenBackbone
+    from cachefeat.cache.schema import block_range, num_blocks
+    from cachefeat.data.datamodule import DataSplit
+    from cachefeat.data.events import bucketed_batches
+    from cachefeat.data.loading import open_events
+
+    config, ckpt, device = hep["config"], hep["checkpoint"], bench_settings.device
+    opts = resolve_options(config)
+    frozen = FrozenBackbone(config, ckpt, device=device)
+    net = frozen.model.stage1_module
+    output = hep["work"] / "extract.zarr"
+    forward_s = []
+
+    def forward():  # hepattn's own forward; events read from the data module as extraction reads them
+        shutil.rmtree(output, ignore_errors=True)
+        start = time.perf_counter()
+        events = open_events(config, DataSplit("train"))
+        for block in range(num_blocks(len(events), opts["block_size"])):
+            lo, hi = block_range(block, len(events), opts["block_size"])
+            for idx in bucketed_batches(events.hit_counts[lo:hi], opts["batch_size"]):
+                batch = {k: v.to(device) for k, v in events.read(lo + np.asarray(idx)).items()}
+                with torch.inference_mode():
+                    net(frozen.model.hepattn_inputs(batch))
+        forward_s.append(time.perf_counter() - start)
+
+    def run():
+        return extract(config, ckpt, DataSplit("train"), output, device=device, progress=False)
+
+    summary = benchmark.pedantic(run, setup=forward, rounds=ROUNDS, warmup_rounds=1)
+    assert summary["events"] == hep["n_train"]
+    if benchmark.stats:
+        n = hep["n_train"]
+        extract_rate = n / benchmark.stats.stats.median
+        forward_rate = n / statistics.median(forward_s[1:])
+        results.setdefault("hepattn", {}).update(extract_events_per_s=extract_rate,
+                                                 forward_events_per_s=forward_rate, n_events=n)
+        results["hepattn_extract_vs_forward"] = extract_rate / forward_rate
+
+
+def test_hepattn_cached_vs_live(hep, bench_settings, results):
+    from cachefeat.cache.extract import extract
+    from cachefeat.data.datamodule import DataSplit
+    from cachefeat.training.train import train
+
+    config, ckpt, work, device = hep["config"], hep["checkpoint"], hep["work"], bench_settings.device
+    caches = {}
+    for split in ("train", "val"):
+        caches[split] = work / f"{split}.zarr"
+        extract(config, ckpt, DataSplit(split), caches[split], mode="overwrite", device=device, progress=False)
+    rates = {"cached_memory": [], "live": []}
+    for r in range(ROUNDS):
+        for mode in rates:
+            _reset_accelerate()
+            kwargs = (dict(source="cache", cache=caches["train"], val_cache=caches["val"], data_mode="memory")
+                      if mode == "cached_memory" else
+                      dict(source="live", checkpoint=ckpt, input=DataSplit("train"), val_input=DataSplit("val")))
+            last = train(config, work / f"run-{mode}-{r}", max_epochs=2, skip_validation=True, device=device,
+                         **kwargs)
+            rates[mode].append(last["events_per_s"])
+    _reset_accelerate()
+    medians = {mode: statistics.median(values) for mode, values in rates.items()}
+    results.setdefault("hepattn", {}).update(train_events_per_s=medians, train_rounds=rates)
+    results["hepattn_speedup_cached_memory_vs_live"] = medians["cached_memory"] / medians["live"]
