@@ -19,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +58,6 @@ def test_hepattn_extract_vs_forward(benchmark, hep, bench_settings, results):
     from cachefeat.cache.frozen import FrozenBackbone
     from cachefeat.cache.schema import block_range, num_blocks
     from cachefeat.data.datamodule import DataSplit
-    from cachefeat.data.events import bucketed_batches
     from cachefeat.data.loading import open_events
 
     config, ckpt, device = hep["config"], hep["checkpoint"], bench_settings.device
@@ -69,14 +67,14 @@ def test_hepattn_extract_vs_forward(benchmark, hep, bench_settings, results):
     output = hep["work"] / "extract.zarr"
     forward_s = []
 
-    def forward():  # hepattn's own forward; events read from the data module as extraction reads them
+    def forward():  # hepattn's own forward on extraction's batches, read from the data module as it reads them
         shutil.rmtree(output, ignore_errors=True)
         start = time.perf_counter()
         events = open_events(config, DataSplit("train"))
         for block in range(num_blocks(len(events), opts["block_size"])):
             lo, hi = block_range(block, len(events), opts["block_size"])
-            for idx in bucketed_batches(events.hit_counts[lo:hi], opts["batch_size"]):
-                batch = {k: v.to(device) for k, v in events.read(lo + np.asarray(idx)).items()}
+            for _, batch in events.block_batches(lo, hi, opts["batch_size"]):
+                batch = {k: v.to(device) for k, v in batch.items()}
                 with torch.inference_mode():
                     net(frozen.model.hepattn_inputs(batch))
         forward_s.append(time.perf_counter() - start)

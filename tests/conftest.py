@@ -14,6 +14,39 @@ MUON_CONFIG = ROOT / "configs" / "muon.yaml"
 MUON_CHECKPOINT = ROOT / "data" / "muon_stage1.ckpt"
 
 
+@pytest.fixture
+def run_cli(capsys):
+    """`run_cli(argv)`: `cachefeat ARGV` in-process -> (exit code, stdout, stderr)."""
+    from cachefeat.cli import main
+
+    def run(argv) -> tuple[int, str, str]:
+        try:
+            rc = main([str(a) for a in argv])
+        except SystemExit as exc:  # argparse usage errors
+            rc = exc.code
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    return run
+
+
+@pytest.fixture
+def assert_cli_error(run_cli):
+    """`assert_cli_error(argv, fragment)`: the command fails as a user mistake must: exit code 2, one
+    line `cachefeat COMMAND: error: ...` containing `fragment`, no traceback."""
+
+    def check(argv, fragment: str) -> None:
+        rc, _, err = run_cli(argv)
+        lines = err.strip().splitlines()
+        assert rc == 2, err
+        assert len(lines) == 1, err
+        assert lines[0].startswith(f"cachefeat {argv[0]}: error: "), lines[0]
+        assert fragment in lines[0]
+        assert "Traceback" not in err
+
+    return check
+
+
 @pytest.fixture(scope="session")
 def muon_config() -> dict:
     return load_config(MUON_CONFIG)

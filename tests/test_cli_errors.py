@@ -178,30 +178,14 @@ MISTAKES = {
 }
 
 
-def _run(argv, capsys) -> tuple[int, str, str]:
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as exc:  # argparse usage errors
-        rc = exc.code
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
 @pytest.mark.parametrize(
     "line,fragment",
     [pytest.param(line, fragment, id=name, marks=pytest.mark.skipif(
         line.split()[0] not in COMMANDS, reason=f"no {line.split()[0]} command"))
      for name, (line, fragment) in MISTAKES.items()],
 )
-def test_mistake_is_one_line_and_exit_2(paths, capsys, line, fragment):
-    command = line.split()[0]
-    rc, _, err = _run(shlex.split(line.format(**paths)), capsys)
-    lines = err.strip().splitlines()
-    assert rc == 2, err
-    assert len(lines) == 1, err
-    assert lines[0].startswith(f"cachefeat {command}: error: "), lines[0]
-    assert fragment in lines[0]
-    assert "Traceback" not in err
+def test_mistake_is_one_line_and_exit_2(paths, assert_cli_error, line, fragment):
+    assert_cli_error(shlex.split(line.format(**paths)), fragment)
 
 
 def test_table_covers_every_command():
@@ -209,8 +193,8 @@ def test_table_covers_every_command():
     assert {line.split()[0] for line, _ in MISTAKES.values()} >= set(COMMANDS)
 
 
-def test_command_typo_has_did_you_mean(capsys):
-    rc, _, err = _run(["extrct"], capsys)
+def test_command_typo_has_did_you_mean(run_cli):
+    rc, _, err = run_cli(["extrct"])
     assert rc == 2 and err.startswith("cachefeat: error: ") and "(did you mean 'extract'?)" in err
     assert len(err.strip().splitlines()) == 1
 
@@ -241,7 +225,7 @@ def test_debug_traceback_from_the_shell():
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_help_has_an_example(command, capsys):
-    rc, out, _ = _run([command, "--help"], capsys)
+def test_help_has_an_example(command, run_cli):
+    rc, out, _ = run_cli([command, "--help"])
     assert rc == 0
     assert "example:" in out and f"cachefeat {command}" in out.split("example:", 1)[1]

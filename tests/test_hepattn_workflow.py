@@ -15,8 +15,6 @@ import pytest
 import torch
 import yaml
 
-from cachefeat.cli import main
-
 pytestmark = pytest.mark.hepattn
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,16 +28,7 @@ def _fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def _run(argv, capsys) -> tuple[int, str, str]:
-    try:
-        rc = main([str(a) for a in argv])
-    except SystemExit as exc:  # argparse usage errors
-        rc = exc.code
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def test_extract_verify_train_evaluate(hepattn_config_path, hepattn_checkpoint, tmp_path, capsys):
+def test_extract_verify_train_evaluate(hepattn_config_path, hepattn_checkpoint, tmp_path, run_cli):
     cfg, ckpt = hepattn_config_path, hepattn_checkpoint
     steps = [
         f"extract --config {cfg} --checkpoint {ckpt} --split train --output {tmp_path}/train.zarr --no-progress",
@@ -56,7 +45,7 @@ def test_extract_verify_train_evaluate(hepattn_config_path, hepattn_checkpoint, 
         f"--output {tmp_path}/eval-live",
     ]
     for line in steps:
-        rc, out, err = _run(shlex.split(line), capsys)
+        rc, out, err = run_cli(shlex.split(line))
         assert rc == 0, f"{line}\n{out}\n{err}"
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     live = json.loads((tmp_path / "eval-live" / "metrics.json").read_text())
@@ -126,14 +115,8 @@ def paths(hepattn_config, hepattn_config_path, hepattn_checkpoint, stage1_checkp
 
 
 @pytest.mark.parametrize("line,fragment", list(MISTAKES.values()), ids=list(MISTAKES))
-def test_mistake_is_one_line_and_exit_2(paths, capsys, line, fragment):
-    command = line.split()[0]
-    rc, _, err = _run(shlex.split(line.format(**paths)), capsys)
-    lines = err.strip().splitlines()
-    assert rc == 2, err
-    assert len(lines) == 1, err
-    assert lines[0].startswith(f"cachefeat {command}: error: "), lines[0]
-    assert fragment in lines[0]
+def test_mistake_is_one_line_and_exit_2(paths, assert_cli_error, line, fragment):
+    assert_cli_error(shlex.split(line.format(**paths)), fragment)
     assert not paths["out"].exists()
 
 

@@ -126,14 +126,12 @@ def gather_events(hb: HeadBatch, order: torch.Tensor) -> HeadBatch:
 
 def extract_block(backbone, events, start: int, stop: int, opts: dict) -> tuple[HeadBatch, dict[str, np.ndarray]]:
     """Forward events [start, stop) in bucketed batches; return their HeadBatch (CPU) and counts, in file order."""
-    from cachefeat.data.events import bucketed_batches
-
-    batches = bucketed_batches(events.hit_counts[start:stop], opts["batch_size"], seed=None)
-    parts, counts = [], []
-    for local in batches:
+    batches, parts, counts = [], [], []
+    for local, batch in events.block_batches(start, stop, opts["batch_size"]):
         hb, metrics = backbone.head_batch(
-            events.read(start + local), opts["floor"], keep_hits=opts["keep_hits"], keep_queries=opts["keep_queries"]
+            batch, opts["floor"], keep_hits=opts["keep_hits"], keep_queries=opts["keep_queries"]
         )
+        batches.append(local)
         parts.append(hb.to("cpu"))
         counts.append(metrics)
     inverse = torch.from_numpy(np.argsort(np.concatenate(batches), kind="stable"))

@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import io
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,7 +66,6 @@ class DataModuleEvents:
     (default f itself), so hepattn's `truthMuon_pt` can be cachefeat's `pt`.
 
     Attributes:
-        hit_counts: int64 [E], hits per event (one pass over the split, on first use).
         event_id: int64 [E], the dataset index of each event.
         path: a name for messages ("<DataModule class> split 'train'").
     """
@@ -96,7 +96,6 @@ class DataModuleEvents:
             raise UserError(f"data module {block.get('class_path')} has no {attr} after setup('{stage}')")
         self.path = f"{block.get('class_path', 'data module').rsplit('.', 1)[-1]} split '{split}'"
         self.event_id = np.arange(len(self.dataset), dtype=np.int64)
-        self._hit_counts = None
         self._hash = None
         if len(self):
             self.read(np.array([0]))  # missing fields fail here, before a command writes anything
@@ -106,24 +105,23 @@ class DataModuleEvents:
 
     def _item(self, k: int) -> tuple[dict, dict]:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed * 1_000_003 + k)
+            # the CPU generator only: torch.manual_seed would also queue a lazy CUDA seeding per call
+            torch.random.default_generator.manual_seed(self.seed * 1_000_003 + k)
             item = self.dataset[k]
         if not (isinstance(item, tuple) and len(item) == 2 and all(isinstance(x, dict) for x in item)):
             raise UserError(f"{self.path}: event {k} is not an (inputs, targets) pair of dicts")
         return item
 
-    @property
-    def hit_counts(self) -> np.ndarray:
-        if self._hit_counts is None:
-            self._hit_counts = np.array([self._hits(self._item(k)[0], k)[1].sum() for k in range(len(self))],
-                                        dtype=np.int64)
-        return self._hit_counts
-
-    def _hits(self, inputs: dict, k: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    def _event(self, k: int) -> tuple[dict[str, np.ndarray], tuple]:
+        """Event k checked and unpadded: ({hit field: float32 [n]}, (particle valid [P],
+        {particle field: float32 [P]}, particle hits bool [P, n]))."""
+        inputs, targets = self._item(k)
         if "hit_valid" not in inputs:
             raise UserError(f"{self.path}: event {k} has no hit_valid in its inputs (keys: {', '.join(inputs)})")
         valid = inputs["hit_valid"].reshape(-1).bool().numpy()
-        fields = {}
+        if self.max_hits is not None and valid.sum() > self.max_hits:
+            raise UserError(f"{self.path}: event {k} has {valid.sum()} hits, more than max_hits={self.max_hits}")
+        hits = {}
         for name in self.hit_fields:
             if f"hit_{name}" not in inputs:
                 raise UserError(f"{self.path}: event {k} has no hit field '{name}' (data.hit_fields); "
@@ -131,24 +129,31 @@ class DataModuleEvents:
             values = inputs[f"hit_{name}"].reshape(-1).float().numpy()[valid]
             if not np.isfinite(values).all():
                 raise UserError(f"{self.path}: hit field '{name}' is NaN or infinite in event {k}")
-            fields[name] = values
-        return fields, valid
+            hits[name] = values
+        return hits, self._particles(targets, valid, k)
 
     def read(self, indices) -> dict[str, torch.Tensor]:
         """Padded batch of the events `indices`, as `EventFile.read` returns it (same keys, dtypes, shapes)."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"event index out of range [0, {len(self)}) in {self.path}")
-        events = []
-        for k in idx.tolist():
-            inputs, targets = self._item(k)
-            hits, valid = self._hits(inputs, k)
-            if self.max_hits is not None and valid.sum() > self.max_hits:
-                raise UserError(f"{self.path}: event {k} has {valid.sum()} hits, more than max_hits={self.max_hits}")
-            events.append((hits, valid, self._particles(targets, valid, k)))
+        return self._pad(idx, [self._event(k) for k in idx.tolist()])
+
+    def block_batches(self, start: int, stop: int, batch_size: int) -> Iterator[tuple[np.ndarray, dict]]:
+        """As `EventFile.block_batches`; each event of the block is read from the data module once
+        (its hit count is only known then), the block held in memory meanwhile."""
+        from cachefeat.data.events import bucketed_batches
+
+        events = [self._event(k) for k in range(start, stop)]
+        counts = np.array([len(next(iter(hits.values()), ())) for hits, _ in events], dtype=np.int64)
+        for local in bucketed_batches(counts, batch_size, seed=None):
+            yield local, self._pad(start + local, [events[i] for i in local.tolist()])
+
+    def _pad(self, idx: np.ndarray, events: list) -> dict[str, torch.Tensor]:
         B = idx.size
-        M = max([int(v.sum()) for _, v, _ in events] + [1])
-        P = max([p[0].size for _, _, p in events] + [1])
+        sizes = [len(next(iter(hits.values()), ())) for hits, _ in events]
+        M = max(sizes + [1])
+        P = max([p[0].size for _, p in events] + [1])
         out = {"event_id": torch.from_numpy(self.event_id[idx].copy()),
                "hit_valid": torch.zeros(B, M, dtype=torch.bool),
                "particle_valid": torch.zeros(B, P, dtype=torch.bool),
@@ -158,8 +163,8 @@ class DataModuleEvents:
             out[f"hit_{name}"] = torch.zeros(B, M)
         for name in self.particle_fields:
             out[f"particle_{name}"] = torch.zeros(B, P)
-        for b, (hits, valid, (pvalid, pfields, phits)) in enumerate(events):
-            n, p = int(valid.sum()), pvalid.size
+        for b, ((hits, (pvalid, pfields, phits)), n) in enumerate(zip(events, sizes)):
+            p = pvalid.size
             out["hit_valid"][b, :n] = True
             for name, values in hits.items():
                 out[f"hit_{name}"][b, :n] = torch.from_numpy(values)
@@ -167,8 +172,7 @@ class DataModuleEvents:
             for name, values in pfields.items():
                 out[f"particle_{name}"][b, :p] = torch.from_numpy(values)
             out["particle_hit_valid"][b, :p, :n] = torch.from_numpy(phits)
-            owner = phits.any(0)
-            out["hit_particle_index"][b, :n] = torch.from_numpy(np.where(owner, phits.argmax(0), -1))
+            out["hit_particle_index"][b, :n] = torch.from_numpy(np.where(phits.any(0), phits.argmax(0), -1))
         return out
 
     def _particles(self, targets: dict, hit_valid: np.ndarray, k: int):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -163,6 +164,12 @@ class EventFile:
         out["hit_particle_index"] = torch.from_numpy(hit_pidx.reshape(B, M))
         out["particle_hit_valid"] = torch.from_numpy(mask.reshape(B, P, M))
         return out
+
+    def block_batches(self, start: int, stop: int, batch_size: int) -> Iterator[tuple[np.ndarray, dict]]:
+        """The events [start, stop) as padded batches of similar hit counts (`bucketed_batches`, no
+        seed): (event indices relative to start, `read` of them) per batch. Extraction's batches."""
+        for local in bucketed_batches(self.hit_counts[start:stop], batch_size, seed=None):
+            yield local, self.read(start + local)
 
     def _gather(self, group: str, names: list[str], offsets: np.ndarray, idx: np.ndarray):
         """Rows of events `idx` from `group/<name>`, concatenated in the order of idx.

@@ -54,7 +54,22 @@ def test_reads_are_deterministic_in_any_order(events, hepattn_config):
         assert torch.equal(first[key][1, ..., :n] if key != "particle_pt" else first[key][1],
                            alone[key][0, ..., :n] if key != "particle_pt" else alone[key][0]), key
         assert torch.equal(first[key][0], again[key][1][..., :first[key].shape[-1]]), key
-    assert events.hit_counts.shape == (160,) and events.hit_counts[9] == n
+
+
+def test_block_batches_are_reads_bucketed_by_hit_count(events):
+    """Extraction's batches: every event of the block once, batches of similar hit counts (sorted
+    within the block's window), each batch equal to `read` of its events."""
+    seen = []
+    for local, batch in events.block_batches(20, 60, 16):
+        expected = events.read(20 + local)
+        assert batch.keys() == expected.keys()
+        for key in batch:
+            assert torch.equal(batch[key], expected[key]), key
+        seen.append(local)
+    order = np.concatenate(seen)
+    assert sorted(order.tolist()) == list(range(40))
+    counts = [int(events.read(np.array([20 + i]))["hit_valid"].sum()) for i in order]
+    assert counts == sorted(counts)
 
 
 def test_fingerprint_follows_the_data_config(hepattn_config):
