@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from cachefeat.config import instantiate, section
 from cachefeat.data.events import EventFile, bucketed_batches
+from cachefeat.errors import UserError
 from cachefeat.evaluation.metrics import regression_metrics
 from cachefeat.head.inputs import from_model_outputs
 from cachefeat.model.checkpoint import load_checkpoint, load_model_state, save_checkpoint
@@ -99,6 +100,9 @@ def build_stage1(config: dict, joint: bool = False):
 
 def fit_head_scaling(head, events: EventFile) -> None:
     """Standardise the head's targets on every valid particle of a training file."""
+    if getattr(head, "frame", "none") != "none":
+        raise UserError(f"joint pretraining fits the head's scaling on the event file's particles; head frame "
+                        f"{head.frame!r} fits it on a cache's pairs: use frame: none for joint pretraining")
     parts = []
     for start in range(0, len(events), 1024):
         batch = events.read(np.arange(start, min(start + 1024, len(events))))

@@ -178,7 +178,7 @@ class VariantHead(nn.Module):
     def forward(self, hb: HeadBatch, pairs: PairWeights | None = None) -> Tensor:
         if pairs is None:
             return self.head(hb)
-        return self.head.mlp(self.head.features_from_pairs(hb, pairs))
+        return self.head.predict_from_pairs(hb, pairs)
 
     def loss(self, pred: Tensor, hb: HeadBatch) -> Tensor:
         return self.head.loss(pred, hb)
@@ -369,7 +369,7 @@ def _build_run(variant: Variant, reader, first: HeadBatch, total_steps: int, acc
     if head.assignment_threshold < floor:
         raise UserError(f"variant {variant.name}: head.assignment_threshold {head.assignment_threshold} is "
                         f"below the cache floor {floor}: pairs between them were not stored")
-    head.fit_scaling(first.targets, first.target_valid)
+    head.fit_scaling(first.targets, first.target_valid, first)
     optimizer = adamw(head.parameters(), own["lr"], own["weight_decay"])
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=own["lr"], total_steps=max(total_steps, 1) + 1)
     model, optimizer = accelerator.prepare(VariantHead(head), optimizer)  # the scheduler stays out, as in train
