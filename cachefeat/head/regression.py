@@ -713,14 +713,14 @@ class RegressionHead(nn.Module):
         cache's first events): the targets phi and eta are fitted on phi - phi_ref (wrapped) and
         eta - eta_ref, and `frame_center` / `frame_scale` on the raw hit net's inputs over the
         pairs (p >= tau) of valid queries: their median and central-68% half-width (q84 - q16) / 2
-        (a half-width of 0 becomes 1). Without `batch` (the head is only compared, e.g. cache verify)
-        the frame statistics keep their values (0 and 1 when new) and phi and eta get mean 0, std 1.
+        (a half-width of 0 becomes 1). Without `batch` (for a head that is only compared, as cache
+        verify's) the frame statistics keep their values (0 and 1 when new) and phi and eta get
+        mean 0, std 1: a head to be trained must get the batch.
         """
         valid = valid.bool()
         x = self._regressed(particle_values)
         if self.frame != "none" and self.targets == "standardised":
             if batch is None:
-                warnings.warn("fit_scaling without a batch: the head's frame statistics are not fitted", stacklevel=2)
                 if not bool(valid.any()):
                     raise UserError("cannot fit the target scaling: no valid (matched) particles")
                 self._fit_targets(x[valid], fixed=self._frame_map.sum(0) > 0)
@@ -761,7 +761,10 @@ class RegressionHead(nn.Module):
         self.target_std.copy_(std)
 
     def check_state(self, state: dict, prefix: str = "") -> None:
-        """UserError when a state dict (keys `prefix` + name) is of a head of another frame kind."""
+        """UserError when a state dict (keys `prefix` + name) is of a head of another frame kind.
+        A partial state dict (without `target_mean`, e.g. dropout streams only) is not checked."""
+        if prefix + "target_mean" not in state:
+            return
         saved = "track" if prefix + "frame_center" in state else "none"
         if saved != self.frame:
             raise UserError(f"a head checkpoint of frame {saved!r} cannot be loaded into a head of frame "

@@ -333,12 +333,11 @@ def test_frame_none_is_the_default_and_unchanged():
     assert RegressionHead(**old).head_config() == a.head_config()
 
 
-def test_fit_without_a_batch_warns_and_keeps_identity_frame():
+def test_fit_without_a_batch_keeps_identity_frame():
     head = make_head(13)
     outputs, batch, target_index = make_tracks(13)
     hb = from_model_outputs(outputs, batch, target_index, 0.05, RAW, PARTICLE)
-    with pytest.warns(UserWarning, match="frame statistics are not fitted"):
-        head.fit_scaling(hb.targets, hb.target_valid)
+    head.fit_scaling(hb.targets, hb.target_valid)
     assert torch.equal(head.frame_scale, torch.ones(len(RAW)))
     i_phi = head.target_fields.index("phi")
     assert head.target_std[i_phi] == 1.0
@@ -367,3 +366,24 @@ def test_raw_hit_fields_choose_the_framed_inputs():
     assert head.raw_hit_net[0].in_features == 2 and head.frame_center.shape == (2,)
     with pytest.raises(UserError, match="field\\(s\\) r,"):
         RegressionHead(["z", "eta", "phi"], PARTICLE, dim=4, frame="track", raw_hit_fields=["z"])
+
+
+def test_truth_head_batch_fits_a_frame_head_for_joint_pretraining():
+    """Joint pretraining fits a frame head on the truth: each valid particle with hits a query, its hits the pairs."""
+    from cachefeat.training.pretrain import truth_head_batch
+
+    _, batch, _ = make_tracks(14, B=2, M=6, P=3)
+    batch["hit_particle_index"] = torch.tensor([[0, 0, 2, -1, 2, 1], [1, 1, 1, 0, -1, -1]])
+    batch["hit_valid"] = torch.tensor([[True] * 6, [True, True, True, True, False, False]])
+    batch["particle_valid"] = torch.tensor([[True, False, True], [True, True, True]])
+    hb = truth_head_batch(batch, RAW, PARTICLE, dim=8)
+    # event 0: particles 0 (hits 0, 1) and 2 (hits 2, 4), particle 1 invalid; event 1: particles 0 (hit 3), 1 (0-2).
+    assert hb.query_offsets.tolist() == [0, 2, 4] and hb.target_index.tolist() == [0, 2, 0, 1]
+    assert hb.hit_offsets.tolist() == [0, 4, 8]
+    assert hb.pair_query.tolist() == [0, 0, 1, 1, 3, 3, 3, 2]
+    kept = [0, 0, 0, 0, 1, 1, 1, 1], [0, 1, 2, 4, 0, 1, 2, 3]
+    assert torch.equal(hb.hit_raw[:, RAW.index("phi")], batch["hit_phi"][kept])
+    assert torch.equal(hb.targets[:, PARTICLE.index("pt")], batch["particle_pt"][[0, 0, 1, 1], [0, 2, 0, 1]])
+    head = make_head(14)
+    head.fit_scaling(hb.targets, hb.target_valid, hb)
+    assert torch.isfinite(head.frame_center).all() and (head.frame_scale > 0).all()

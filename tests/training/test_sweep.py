@@ -33,7 +33,7 @@ def test_variants_are_the_grid_then_the_list(muon_config):
     config = _config(muon_config, {
         "grid": {"head.init_args.hidden_dim": [64, 120], "train.lr": [1.0e-3, 3.0e-3]},
         "variants": [{"name": "deep", "head.init_args.num_layers": 4}],
-    })
+    }, lr=1.0e-3)  # the base lr, which "deep" keeps
     variants = sweep_variants(config)
     assert [v.name for v in variants] == ["hidden_dim64-lr0.001", "hidden_dim64-lr0.003", "hidden_dim120-lr0.001",
                                           "hidden_dim120-lr0.003", "deep"]
