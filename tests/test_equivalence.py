@@ -126,7 +126,7 @@ def test_sparse_head_on_cache_equals_dense_head_on_live_outputs(cache32, frozen,
     for threshold in (None, 0.3):
         cached = cache32.load().batch(RANDOM_BATCH)
         head = _head(muon_config, cache32, dropout=0.0, threshold=threshold)
-        head.fit_scaling(cached.targets, cached.target_valid)
+        head.fit_scaling(cached.targets, cached.target_valid, cached)
         batch = events.read(RANDOM_BATCH)
         out = frozen.forward(batch)
         raw = torch.stack([batch[f"hit_{f}"] for f in cache32.raw_fields], -1)
@@ -147,7 +147,7 @@ def test_head_outputs_and_gradients_cached_equal_live(cache32, frozen, events, m
     cached = cache32.load().batch(RANDOM_BATCH)
     live = _live(frozen, events, RANDOM_BATCH, cache32.settings["floor"])
     head = _head(muon_config, cache32, dropout=0.2)
-    head.fit_scaling(cached.targets, cached.target_valid)
+    head.fit_scaling(cached.targets, cached.target_valid, cached)
     head.train()
     streams = {k: v.clone() for k, v in head.state_dict().items() if k.endswith("stream")}  # dropout streams
     pred_c = head(cached)

@@ -563,8 +563,9 @@ class RegressionHead(nn.Module):
     def _frame_offset(self, pred: Tensor, phi_ref: Tensor, eta_ref: Tensor) -> Tensor:
         """[..., T] MLP outputs -> predictions: phi_ref / std and eta_ref / std added to the columns
         regressed relative to the frame (the others get an exact 0)."""
-        ref = torch.stack([phi_ref, eta_ref], dim=-1)
-        return pred + (ref @ self._frame_map) / self.target_std
+        # Elementwise, not a matmul: under autocast a matmul would round phi_ref to bfloat16.
+        offset = phi_ref[..., None] * self._frame_map[0] + eta_ref[..., None] * self._frame_map[1]
+        return pred + offset / self.target_std
 
     def frame_refs(self, pairs: PairWeights) -> tuple[Tensor, Tensor]:
         """frame="track": (phi_ref [Q], eta_ref [Q]) from pair weights (pass 1, shared via `pairs`)."""
@@ -730,7 +731,7 @@ class RegressionHead(nn.Module):
                                  f"{batch.query_embed.shape[0]} queries")
             pairs = pair_weights(batch, self.assignment_threshold)
             phi_ref, eta_ref = self.frame_refs(pairs)
-            ref = torch.stack([phi_ref, eta_ref], dim=-1).to(x.device) @ self._frame_map  # [Q, T]
+            ref = phi_ref[:, None] * self._frame_map[0] + eta_ref[:, None] * self._frame_map[1]  # [Q, T]
             x = torch.where(self._periodic, wrap_angle(x - ref), x - ref)
             matched = valid.to(pairs.query.device)[pairs.query]
             if not bool(matched.any()):

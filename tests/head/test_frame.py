@@ -387,3 +387,18 @@ def test_truth_head_batch_fits_a_frame_head_for_joint_pretraining():
     head = make_head(14)
     head.fit_scaling(hb.targets, hb.target_valid, hb)
     assert torch.isfinite(head.frame_center).all() and (head.frame_scale > 0).all()
+
+
+def test_frame_offset_keeps_float32_under_autocast():
+    """Under bfloat16 autocast the references are added in float32 (a matmul would round phi_ref to ~1e-2)."""
+    head = make_head(15, impl="dense").eval()  # CPU sparse CSR products have no bfloat16 kernel
+    outputs, batch, target_index = make_tracks(15, seam=True)
+    hb = fitted(head, outputs, batch, target_index)
+    with torch.no_grad():
+        head.mlp[-1].weight.zero_()
+        head.mlp[-1].bias.zero_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            pred = head(hb)
+        decoded = head.decode(pred.float())
+    phi_ref, _ = head.frame_refs(pair_weights(hb, head.assignment_threshold))
+    torch.testing.assert_close(decoded["phi"], wrap_angle(phi_ref), rtol=0, atol=1e-5)
