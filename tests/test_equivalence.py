@@ -165,7 +165,10 @@ def test_training_trajectory_cached_equals_live(cache32, val_cache32, muon_confi
     """§8.4: 50 optimizer steps from one seed, dropout on: the per-step loss curve and the final
     weights are the same whether the head reads the cache or the live frozen backbone."""
     config = copy.deepcopy(muon_config)
-    config["train"].update(batch_size=8, epochs=3, lr=1.0e-3)  # the lr the tolerances were measured at
+    # lr 1e-3, the lr the tolerances were measured at: at the shipped lr 3e-3 the frame="track"
+    # head's curves part by more than TRAJECTORY_RTOL after ~17 steps (its frame follows the
+    # pair weights, whose last bits differ between the two sources; frame="none" stays within it).
+    config["train"].update(batch_size=8, epochs=3, lr=1.0e-3)
     config["head"]["init_args"]["dropout"] = 0.1
     cached = train(config, tmp_path / "cached", source="cache", cache=cache32.path, val_cache=val_cache32.path,
                    data_mode="memory", max_steps=50, device="cpu")

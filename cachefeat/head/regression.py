@@ -250,8 +250,11 @@ def frame_refs_sparse(pairs: PairWeights, phi_column: int, eta_column: int) -> t
 
     phi_ref = atan2(sum w sin(phi), sum w cos(phi)), eta_ref = sum w eta over the query's pairs
     (w = p / sum p, detached); 0 and 0 for a query without pairs. Computed once per `pairs`, from
-    p in float64 and rounded to float32, so that the dense pass 1 (another summation order) gives
-    the same float32 frame except where the float64 values straddle a float32 rounding boundary.
+    p in float64, and kept in float64 through pass 2 and the target offsets: rounded to float32,
+    frames that differ in their last float64 bits (the dense pass 1 sums in another order) could
+    differ by a whole float32 step (2.4e-7 rad at pi), which the standardisation of the frame
+    inputs (widths down to ~1e-3) would magnify to ~1e-4. Logits that differ in their last float32
+    bits (a batch of another composition, cached vs live) still move the frame by ~1e-8.
     """
     key = (phi_column, eta_column)
     if key not in pairs.frames:
@@ -261,20 +264,20 @@ def frame_refs_sparse(pairs: PairWeights, phi_column: int, eta_column: int) -> t
             terms = torch.stack([wt * torch.sin(phi), wt * torch.cos(phi), wt * eta, wt], dim=1)
             sums = terms.new_zeros((pairs.num_queries, 4)).index_add_(0, pairs.query, terms)
             eta_ref = sums[:, 2] / sums[:, 3].clamp(min=1e-300)
-            pairs.frames[key] = (torch.atan2(sums[:, 0], sums[:, 1]).float(), eta_ref.float())
+            pairs.frames[key] = (torch.atan2(sums[:, 0], sums[:, 1]), eta_ref)
     return pairs.frames[key]
 
 
 def frame_refs_dense(wt: Tensor, hit_raw: Tensor, phi_column: int, eta_column: int) -> tuple[Tensor, Tensor]:
     """Pass 1 of frame="track" on padded tensors: wt [B, N, M] (p on the pairs, 0 off them),
-    hit_raw [B, M, F] -> (phi_ref [B, N], eta_ref [B, N]), the formula of `frame_refs_sparse`."""
+    hit_raw [B, M, F] -> float64 (phi_ref [B, N], eta_ref [B, N]), the formula of `frame_refs_sparse`."""
     with torch.no_grad():
         phi, eta = hit_raw[..., phi_column].double(), hit_raw[..., eta_column].double()
         wt = wt.detach().double()
         sin = (wt * torch.sin(phi)[:, None, :]).sum(-1)
         cos = (wt * torch.cos(phi)[:, None, :]).sum(-1)
         eta_ref = (wt * eta[:, None, :]).sum(-1) / wt.sum(-1).clamp(min=1e-300)
-        return torch.atan2(sin, cos).float(), eta_ref.float()
+        return torch.atan2(sin, cos), eta_ref
 
 
 def linear_quantiles(x: Tensor, qs: list[float]) -> Tensor:
@@ -563,12 +566,13 @@ class RegressionHead(nn.Module):
     def _frame_offset(self, pred: Tensor, phi_ref: Tensor, eta_ref: Tensor) -> Tensor:
         """[..., T] MLP outputs -> predictions: phi_ref / std and eta_ref / std added to the columns
         regressed relative to the frame (the others get an exact 0)."""
-        # Elementwise, not a matmul: under autocast a matmul would round phi_ref to bfloat16.
-        offset = phi_ref[..., None] * self._frame_map[0] + eta_ref[..., None] * self._frame_map[1]
-        return pred + offset / self.target_std
+        # Elementwise in float64, not a matmul: under autocast a matmul would round phi_ref to bfloat16.
+        frame_map, std = self._frame_map.double(), self.target_std.double()
+        offset = (phi_ref.double()[..., None] * frame_map[0] + eta_ref.double()[..., None] * frame_map[1]) / std
+        return (pred.double() + offset).float()
 
     def frame_refs(self, pairs: PairWeights) -> tuple[Tensor, Tensor]:
-        """frame="track": (phi_ref [Q], eta_ref [Q]) from pair weights (pass 1, shared via `pairs`)."""
+        """frame="track": float64 (phi_ref [Q], eta_ref [Q]) from pair weights (pass 1, shared via `pairs`)."""
         return frame_refs_sparse(pairs, self._phi_column, self._eta_column)
 
     # ---- forward -------------------------------------------------------------------------

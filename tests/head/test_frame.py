@@ -269,8 +269,8 @@ def test_predictions_are_relative_to_the_frame_and_decode_wraps():
         decoded = head.decode(head(hb))
     phi_ref, eta_ref = head.frame_refs(pair_weights(hb, head.assignment_threshold))
     i_eta = head.target_fields.index("eta")
-    close(decoded["phi"], wrap_angle(phi_ref))
-    close(decoded["eta"], eta_ref + head.target_mean[i_eta])
+    close(decoded["phi"], wrap_angle(phi_ref).float())
+    close(decoded["eta"], (eta_ref + head.target_mean[i_eta]).float())
     assert (decoded["phi"].abs() > 3.0).sum() >= 6  # seam tracks decode near +-pi
     # The loss of a perfect residual is ~0 across the seam.
     with torch.no_grad():
@@ -401,4 +401,4 @@ def test_frame_offset_keeps_float32_under_autocast():
             pred = head(hb)
         decoded = head.decode(pred.float())
     phi_ref, _ = head.frame_refs(pair_weights(hb, head.assignment_threshold))
-    torch.testing.assert_close(decoded["phi"], wrap_angle(phi_ref), rtol=0, atol=1e-5)
+    torch.testing.assert_close(decoded["phi"], wrap_angle(phi_ref).float(), rtol=0, atol=1e-5)
