@@ -285,7 +285,7 @@ def verify_cache(config: dict, cache, checkpoint, input, *, events: int = 64, se
     with torch.random.fork_rng(devices=[]):
         head = build_head(config, list(reader.raw_fields), list(reader.particle_fields), seed=seed)
     head.to(device).eval()  # eval: dropout off, so both sources see the same function
-    head.fit_scaling(cached.targets.to(device), cached.target_valid.to(device))
+    head.fit_scaling(cached.targets.to(device), cached.target_valid.to(device), cached.to(device))
     head_rows = [compare_head(head, cached, as_stored(live, reader.embed_dtype), tol["head gradients"], device)
                  for live in lives]
     for name in ("head loss", "head gradients"):

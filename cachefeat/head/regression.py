@@ -20,6 +20,20 @@ training targets (periodic fields such as phi keep mean 0 and have their residua
 `targets="raw"` is the reference workflow's choice: mean 0 and std = `raw_scale[field]`
 (default 1), i.e. the stored values divided by a fixed divisor (pT / 200), without wrapping.
 
+`frame="track"` pools the raw hit features in each track's own frame (issue 12). Pass 1, per
+query, over the same pairs and weights w: phi_ref = atan2(sum_m w sin(phi_m), sum_m w cos(phi_m))
+(the circular weighted mean), eta_ref = sum_m w eta_m; 0 and 0 for a query without pairs; no
+gradient flows through them. Pass 2: R = raw_hit_net(X') with X' the pair's hit in that frame,
+one column per raw hit field the net reads: (x, y) and (u, v) rotated by -phi_ref, phi - phi_ref
+(wrapped), z - r sinh(eta_ref), eta - eta_ref, any other field as it is; each column standardised
+as (X' - frame_center) / frame_scale, clamped to [-8, 8], where frame_center and frame_scale
+(buffers) are the median and the central-68% half-width, (q84 - q16) / 2, of the training cache's
+matched pairs, fitted by `fit_scaling(..., batch=)`. R depends on the (query, hit) pair, so the
+dense path runs the raw hit net on [B, N, M, F]. The targets phi and eta are regressed relative
+to phi_ref and eta_ref: their target_mean / target_std are fitted on phi - phi_ref (wrapped) and
+eta - eta_ref, and the head adds phi_ref / std and eta_ref / std to the MLP's outputs, so its
+predictions, `loss` and `decode` are in the same units as without the frame.
+
 The reference workflow's head (hepattn_muon's FrozenEncoderRegressionTask) is
 `hit_net="dense", hidden_dim=None, targets="raw", raw_scale={"pt": 200.0}` (with its raw hit
 fields chosen by `raw_hit_fields`).
@@ -29,7 +43,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +59,16 @@ ABSENT_LOGIT = -1e4
 
 
 TARGET_MODES = ("standardised", "raw")
+# The `frame` choices of RegressionHead: the frame its raw hit net sees the hits in.
+FRAMES = ("none", "track")
+# frame="track": raw hit fields rotated by -phi_ref in pairs (first, second) ...
+FRAME_ROTATED = {"x": ("x", "y"), "y": ("x", "y"), "u": ("u", "v"), "v": ("u", "v")}
+# ... and the fields each other transformed field needs (pass 1 needs phi and eta in any case).
+FRAME_NEEDS = {"phi": ("phi",), "eta": ("eta",), "z": ("z", "r")}
+# frame="track": target fields regressed relative to the frame (phi_ref, eta_ref), in that order.
+FRAME_TARGETS = ("phi", "eta")
+# Standardised frame inputs are clamped to [-FRAME_CLAMP, FRAME_CLAMP].
+FRAME_CLAMP = 8.0
 
 
 def mlp_hit_net(in_dim: int, dim: int) -> nn.Sequential:
@@ -192,6 +216,9 @@ class PairWeights:
     num_queries: int
     sums: Tensor
     sums_t: Tensor
+    # Pass 1 of frame="track" per (phi column, eta column) of raw: (phi_ref [Q], eta_ref [Q]),
+    # filled by the first head that needs it and shared by the others (a sweep's variants).
+    frames: dict = field(default_factory=dict)
 
 
 def pair_weights(hb: HeadBatch, threshold: float) -> PairWeights:
@@ -216,6 +243,54 @@ def pair_weights(hb: HeadBatch, threshold: float) -> PairWeights:
                                          torch.stack([query, query + Q], 1).flatten(),
                                          torch.stack([w, wt], 1).flatten(), (P, 2 * Q), check_invariants=False)
     return PairWeights(query, hit, wt, w, hb.hit_raw[hit], hb.hit_embed[hit], Q, sums, sums_t)
+
+
+def frame_refs_sparse(pairs: PairWeights, phi_column: int, eta_column: int) -> tuple[Tensor, Tensor]:
+    """Pass 1 of frame="track": (phi_ref [Q], eta_ref [Q]) of each query from its pairs' hits.
+
+    phi_ref = atan2(sum w sin(phi), sum w cos(phi)), eta_ref = sum w eta over the query's pairs
+    (w = p / sum p, detached); 0 and 0 for a query without pairs. Computed once per `pairs`, from
+    p in float64, and kept in float64 through pass 2 and the target offsets: rounded to float32,
+    frames that differ in their last float64 bits (the dense pass 1 sums in another order) could
+    differ by a whole float32 step (2.4e-7 rad at pi), which the standardisation of the frame
+    inputs (widths down to ~1e-3) would magnify to ~1e-4. Logits that differ in their last float32
+    bits (a batch of another composition, cached vs live) still move the frame by ~1e-8.
+    """
+    key = (phi_column, eta_column)
+    if key not in pairs.frames:
+        with torch.no_grad():
+            phi, eta = pairs.raw[:, phi_column].double(), pairs.raw[:, eta_column].double()
+            wt = pairs.wt.detach().double()
+            terms = torch.stack([wt * torch.sin(phi), wt * torch.cos(phi), wt * eta, wt], dim=1)
+            sums = terms.new_zeros((pairs.num_queries, 4)).index_add_(0, pairs.query, terms)
+            eta_ref = sums[:, 2] / sums[:, 3].clamp(min=1e-300)
+            pairs.frames[key] = (torch.atan2(sums[:, 0], sums[:, 1]), eta_ref)
+    return pairs.frames[key]
+
+
+def frame_refs_dense(wt: Tensor, hit_raw: Tensor, phi_column: int, eta_column: int) -> tuple[Tensor, Tensor]:
+    """Pass 1 of frame="track" on padded tensors: wt [B, N, M] (p on the pairs, 0 off them),
+    hit_raw [B, M, F] -> float64 (phi_ref [B, N], eta_ref [B, N]), the formula of `frame_refs_sparse`."""
+    with torch.no_grad():
+        phi, eta = hit_raw[..., phi_column].double(), hit_raw[..., eta_column].double()
+        wt = wt.detach().double()
+        sin = (wt * torch.sin(phi)[:, None, :]).sum(-1)
+        cos = (wt * torch.cos(phi)[:, None, :]).sum(-1)
+        eta_ref = (wt * eta[:, None, :]).sum(-1) / wt.sum(-1).clamp(min=1e-300)
+        return torch.atan2(sin, cos), eta_ref
+
+
+def linear_quantiles(x: Tensor, qs: list[float]) -> Tensor:
+    """[len(qs), C] column quantiles of x [P, C] by linear interpolation (numpy's default method)."""
+    ordered = x.sort(dim=0).values
+    out = []
+    for q in qs:
+        pos = q * (x.shape[0] - 1)
+        lo = math.floor(pos)
+        hi = min(lo + 1, x.shape[0] - 1)
+        frac = pos - lo
+        out.append(ordered[lo] + (ordered[hi] - ordered[lo]) * frac)
+    return torch.stack(out)
 
 
 class _PairSums(torch.autograd.Function):
@@ -301,6 +376,9 @@ class RegressionHead(nn.Module):
         targets: "standardised" (mean/std fitted by `fit_scaling`) or "raw" (the stored values
             divided by `raw_scale`, no fitting, no wrapping).
         raw_scale: {target field: divisor} for raw targets, e.g. {"pt": 200.0}; others 1.
+        frame: "none" (the raw hit net sees the raw fields as stored) or "track" (it sees each
+            hit in the frame of the query it is pooled for, see the module docstring; needs the
+            raw fields phi and eta, and y with x, v with u, r with z; standardised targets only).
     """
 
     def __init__(
@@ -320,6 +398,7 @@ class RegressionHead(nn.Module):
         raw_hit_fields: list[str] | None = None,
         targets: str = "standardised",
         raw_scale: dict[str, float] | None = None,
+        frame: str = "none",
     ):
         super().__init__()
         raw_fields, particle_fields = list(raw_fields), list(particle_fields)
@@ -331,6 +410,11 @@ class RegressionHead(nn.Module):
             raise UserError(f"head hit_net must be one of {tuple(HIT_NETS)}, not {hit_net!r}")
         if targets not in TARGET_MODES:
             raise UserError(f"head targets must be one of {TARGET_MODES}, not {targets!r}")
+        if frame not in FRAMES:
+            raise UserError(f"head frame must be one of {FRAMES}, not {frame!r}")
+        if frame != "none" and targets != "standardised":
+            raise UserError(f"head frame {frame!r} regresses phi and eta relative to the frame: it needs "
+                            "targets: standardised")
         if not 0.0 < assignment_threshold < 1.0:
             raise UserError(f"assignment_threshold must be in (0, 1), not {assignment_threshold}")
         if num_layers < 1:
@@ -374,10 +458,37 @@ class RegressionHead(nn.Module):
         self.assignment_threshold, self.impl = assignment_threshold, impl
         self.hit_net, self.raw_hit_fields = hit_net, raw_hit_fields
         self.targets, self.raw_scale = targets, {k: float(v) for k, v in raw_scale.items()}
+        self.frame = frame
 
         used = raw_hit_fields if raw_hit_fields is not None else raw_fields
         # Columns of hit_raw the raw hit net reads; None: all, in order (no gather).
         self._raw_columns = None if used == raw_fields else [raw_fields.index(f) for f in used]
+        if frame == "track":
+            needed = ["phi", "eta"]
+            for name in used:
+                needed += [f for f in FRAME_ROTATED.get(name, FRAME_NEEDS.get(name, ())) if f not in needed]
+            missing = [f for f in needed if f not in raw_fields]
+            if missing:
+                raise UserError(f"head frame 'track' needs the raw hit field(s) {', '.join(missing)}, which the data "
+                                f"does not have (raw hit fields: {', '.join(raw_fields)})")
+            col = raw_fields.index
+            self._phi_column, self._eta_column = col("phi"), col("eta")
+            # One (kind, column, partner) per raw hit net input, in the order of `used`.
+            self._frame_spec = []
+            for name in used:
+                if name in FRAME_ROTATED:
+                    first, second = FRAME_ROTATED[name]
+                    self._frame_spec.append(("cos" if name == first else "sin", col(first), col(second)))
+                elif name == "phi":
+                    self._frame_spec.append(("phi", col(name), -1))
+                elif name == "eta":
+                    self._frame_spec.append(("eta", col(name), -1))
+                elif name == "z":
+                    self._frame_spec.append(("z", col(name), col("r")))
+                else:
+                    self._frame_spec.append(("same", col(name), -1))
+            self.register_buffer("frame_center", torch.zeros(len(used)))
+            self.register_buffer("frame_scale", torch.ones(len(used)))
         self.raw_hit_net = HIT_NETS[hit_net](len(used), dim)
         self.encoded_hit_net = HIT_NETS[hit_net](dim, dim)
         self.mlp = regression_mlp(9 * dim, hidden_dim, len(target_fields), num_layers, dropout)
@@ -393,6 +504,13 @@ class RegressionHead(nn.Module):
             "_periodic", torch.tensor([f in self.periodic_fields for f in target_fields]), persistent=False
         )
         self._q_column = particle_fields.index("q") if "q" in particle_fields else None
+        # frame="track": which of FRAME_TARGETS are regressed relative to the frame ([2, T] 0/1 map).
+        frame_map = torch.zeros(len(FRAME_TARGETS), T)
+        if frame == "track":
+            for i, name in enumerate(FRAME_TARGETS):
+                if name in target_fields and name not in inverse_fields:
+                    frame_map[i, target_fields.index(name)] = 1.0
+        self.register_buffer("_frame_map", frame_map, persistent=False)
 
     def head_config(self) -> dict:
         """The init arguments, JSON-serialisable."""
@@ -412,11 +530,50 @@ class RegressionHead(nn.Module):
             "raw_hit_fields": None if self.raw_hit_fields is None else list(self.raw_hit_fields),
             "targets": self.targets,
             "raw_scale": dict(self.raw_scale),
+            "frame": self.frame,
         }
 
     def _raw_inputs(self, hit_raw: Tensor) -> Tensor:
         """[..., F] raw hit rows -> the columns the raw hit net reads (`raw_hit_fields`)."""
         return hit_raw if self._raw_columns is None else hit_raw[..., self._raw_columns]
+
+    def _frame_columns(self, hit_raw: Tensor, phi_ref: Tensor, eta_ref: Tensor) -> Tensor:
+        """frame="track": [..., F'] unstandardised inputs of the raw hit net from raw hit rows
+        [..., F] and the frame (phi_ref, eta_ref broadcast against hit_raw[..., 0]); float64."""
+        x, phi_ref, eta_ref = hit_raw.double(), phi_ref.double(), eta_ref.double()
+        cos, sin = torch.cos(phi_ref), torch.sin(phi_ref)
+        columns = []
+        for kind, i, j in self._frame_spec:
+            if kind == "cos":  # the first of a rotated pair: a cos + b sin
+                columns.append(x[..., i] * cos + x[..., j] * sin)
+            elif kind == "sin":  # the second: b cos - a sin
+                columns.append(x[..., j] * cos - x[..., i] * sin)
+            elif kind == "phi":
+                columns.append(wrap_angle(x[..., i] - phi_ref))
+            elif kind == "eta":
+                columns.append(x[..., i] - eta_ref)
+            elif kind == "z":
+                columns.append(x[..., i] - x[..., j] * torch.sinh(eta_ref))
+            else:
+                columns.append(x[..., i].expand(torch.broadcast_shapes(x[..., i].shape, phi_ref.shape)))
+        return torch.stack(columns, dim=-1)
+
+    def _frame_inputs(self, hit_raw: Tensor, phi_ref: Tensor, eta_ref: Tensor) -> Tensor:
+        """frame="track": the raw hit net's standardised, clamped float32 inputs (see `_frame_columns`)."""
+        X = (self._frame_columns(hit_raw, phi_ref, eta_ref) - self.frame_center.double()) / self.frame_scale.double()
+        return X.clamp(-FRAME_CLAMP, FRAME_CLAMP).to(self.frame_center.dtype)
+
+    def _frame_offset(self, pred: Tensor, phi_ref: Tensor, eta_ref: Tensor) -> Tensor:
+        """[..., T] MLP outputs -> predictions: phi_ref / std and eta_ref / std added to the columns
+        regressed relative to the frame (the others get an exact 0)."""
+        # Elementwise in float64, not a matmul: under autocast a matmul would round phi_ref to bfloat16.
+        frame_map, std = self._frame_map.double(), self.target_std.double()
+        offset = (phi_ref.double()[..., None] * frame_map[0] + eta_ref.double()[..., None] * frame_map[1]) / std
+        return (pred.double() + offset).float()
+
+    def frame_refs(self, pairs: PairWeights) -> tuple[Tensor, Tensor]:
+        """frame="track": float64 (phi_ref [Q], eta_ref [Q]) from pair weights (pass 1, shared via `pairs`)."""
+        return frame_refs_sparse(pairs, self._phi_column, self._eta_column)
 
     # ---- forward -------------------------------------------------------------------------
 
@@ -425,18 +582,30 @@ class RegressionHead(nn.Module):
         if self.impl == "sparse":
             return self.forward_sparse(hb)
         _, _, _, query_flat, _ = _padding_index(hb)
-        z = self.features_dense(*dense_inputs(hb))
-        return self.mlp(z.flatten(0, 1)[query_flat])
+        z, frame = self._features_dense(*dense_inputs(hb))
+        pred = self.mlp(z.flatten(0, 1)[query_flat])
+        if frame is None:
+            return pred
+        return self._frame_offset(pred, frame[0].flatten()[query_flat], frame[1].flatten()[query_flat])
 
     def forward_sparse(self, hb: HeadBatch) -> Tensor:
         """[Q, T] scaled predictions from the pair list (pairs with p >= tau)."""
-        return self.mlp(self.features_sparse(hb))
+        return self.predict_from_pairs(hb, pair_weights(hb, self.assignment_threshold))
+
+    def predict_from_pairs(self, hb: HeadBatch, pairs: PairWeights) -> Tensor:
+        """[Q, T] scaled predictions from precomputed pair weights (a sweep computes them once for many heads)."""
+        pred = self.mlp(self.features_from_pairs(hb, pairs))
+        if self.frame == "none":
+            return pred
+        return self._frame_offset(pred, *self.frame_refs(pairs))
 
     def forward_dense(
         self, query_embed: Tensor, hit_embed: Tensor, hit_raw: Tensor, track_hit_logit: Tensor, hit_valid: Tensor
     ) -> Tensor:
         """[B, N, T] scaled predictions from padded tensors (see `features_dense`)."""
-        return self.mlp(self.features_dense(query_embed, hit_embed, hit_raw, track_hit_logit, hit_valid))
+        z, frame = self._features_dense(query_embed, hit_embed, hit_raw, track_hit_logit, hit_valid)
+        pred = self.mlp(z)
+        return pred if frame is None else self._frame_offset(pred, *frame)
 
     def features_sparse(self, hb: HeadBatch) -> Tensor:
         """z [Q, 9D]: query embedding and the 8 pools, by segment reductions over the pairs."""
@@ -446,7 +615,12 @@ class RegressionHead(nn.Module):
         """z [Q, 9D] from precomputed pair weights (a sweep computes them once for many heads)."""
         Q = pairs.num_queries
         pools = [hb.query_embed]
-        for Z in (self.raw_hit_net(self._raw_inputs(pairs.raw)), self.encoded_hit_net(pairs.embed)):
+        if self.frame == "none":
+            raw = self._raw_inputs(pairs.raw)
+        else:
+            phi_ref, eta_ref = self.frame_refs(pairs)
+            raw = self._frame_inputs(pairs.raw, phi_ref[pairs.query], eta_ref[pairs.query])
+        for Z in (self.raw_hit_net(raw), self.encoded_hit_net(pairs.embed)):
             Z = Z.float()  # under autocast the hit nets may give bfloat16; the pools are float32
             sums = _PairSums.apply(Z, pairs.sums, pairs.sums_t)
             pools += [sums[:Q], sums[Q:], *_SegmentExtrema.apply(Z, pairs.query, Q)]
@@ -457,6 +631,12 @@ class RegressionHead(nn.Module):
     ) -> Tensor:
         """z [B, N, 9D] from query_embed [B, N, D], hit_embed [B, M, D], hit_raw [B, M, F],
         track_hit_logit [B, N, M] and hit_valid bool [B, M]. Memory O(B·N·M·D)."""
+        return self._features_dense(query_embed, hit_embed, hit_raw, track_hit_logit, hit_valid)[0]
+
+    def _features_dense(
+        self, query_embed: Tensor, hit_embed: Tensor, hit_raw: Tensor, track_hit_logit: Tensor, hit_valid: Tensor
+    ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """(z [B, N, 9D], frame): `features_dense` and, for frame="track", (phi_ref, eta_ref) [B, N]."""
         if hit_embed.shape[1] == 0:  # a reduction over zero hits is undefined: add one invalid hit
             hit_embed, hit_raw = F.pad(hit_embed, (0, 0, 0, 1)), F.pad(hit_raw, (0, 0, 0, 1))
             track_hit_logit, hit_valid = F.pad(track_hit_logit, (0, 1)), F.pad(hit_valid, (0, 1))
@@ -465,17 +645,27 @@ class RegressionHead(nn.Module):
         wt = p * A
         w = wt / wt.sum(-1, keepdim=True).clamp(min=1e-8)
         has_hit = A.any(-1, keepdim=True)
+        mask = A[..., None]
         pools = [query_embed]
-        for Z in (self.raw_hit_net(self._raw_inputs(hit_raw)), self.encoded_hit_net(hit_embed)):
-            Zb = Z[:, None, :, :].expand(-1, A.shape[1], -1, -1)
-            mask = A[..., None]
+        frame = None
+        if self.frame == "none":
+            raw = self.raw_hit_net(self._raw_inputs(hit_raw))  # [B, M, D]
+        else:
+            frame = frame_refs_dense(wt, hit_raw, self._phi_column, self._eta_column)
+            raw = self.raw_hit_net(self._frame_inputs(hit_raw[:, None], frame[0][..., None], frame[1][..., None]))
+        for Z in (raw, self.encoded_hit_net(hit_embed)):
+            if Z.dim() == 4:  # [B, N, M, D]: a hit feature per (query, hit) pair (frame="track")
+                Zb = Z
+                sums = [torch.einsum("bnm,bnmd->bnd", w, Z), torch.einsum("bnm,bnmd->bnd", wt, Z)]
+            else:
+                Zb = Z[:, None, :, :].expand(-1, A.shape[1], -1, -1)
+                sums = [w @ Z, wt @ Z]
             pools += [
-                w @ Z,
-                wt @ Z,
+                *sums,
                 torch.where(has_hit, Zb.masked_fill(~mask, -math.inf).amax(2), 0.0),
                 torch.where(has_hit, Zb.masked_fill(~mask, math.inf).amin(2), 0.0),
             ]
-        return torch.cat(pools, dim=-1)
+        return torch.cat(pools, dim=-1), frame
 
     # ---- targets and loss ----------------------------------------------------------------
 
@@ -517,24 +707,79 @@ class RegressionHead(nn.Module):
                 out[name] = col
         return out
 
-    def fit_scaling(self, particle_values: Tensor, valid: Tensor) -> None:
+    def fit_scaling(self, particle_values: Tensor, valid: Tensor, batch: HeadBatch | None = None) -> None:
         """Set `target_mean` / `target_std` [T] from [Q, T_p] particle values where valid [Q].
 
         Standardised targets: periodic fields keep mean 0 and get the root mean square as std.
         A std below 1e-6 (a constant target) is clamped to 1e-6. Raw targets: nothing is fitted,
         mean 0 and std `raw_scale` (1 for a field it does not name), whatever the values.
+
+        frame="track" needs `batch`, the HeadBatch whose queries the rows are (the training
+        cache's first events): the targets phi and eta are fitted on phi - phi_ref (wrapped) and
+        eta - eta_ref, and `frame_center` / `frame_scale` on the raw hit net's inputs over the
+        pairs (p >= tau) of valid queries: their median and central-68% half-width (q84 - q16) / 2
+        (a half-width of 0 becomes 1). Without `batch` (for a head that is only compared, as cache
+        verify's) the frame statistics keep their values (0 and 1 when new) and phi and eta get
+        mean 0, std 1: a head to be trained must get the batch.
         """
-        x = self._regressed(particle_values)[valid.bool()]
+        valid = valid.bool()
+        x = self._regressed(particle_values)
+        if self.frame != "none" and self.targets == "standardised":
+            if batch is None:
+                if not bool(valid.any()):
+                    raise UserError("cannot fit the target scaling: no valid (matched) particles")
+                self._fit_targets(x[valid], fixed=self._frame_map.sum(0) > 0)
+                return
+            if batch.query_embed.shape[0] != particle_values.shape[0]:
+                raise ValueError(f"fit_scaling: {particle_values.shape[0]} particle rows for a batch of "
+                                 f"{batch.query_embed.shape[0]} queries")
+            pairs = pair_weights(batch, self.assignment_threshold)
+            phi_ref, eta_ref = self.frame_refs(pairs)
+            ref = phi_ref[:, None] * self._frame_map[0] + eta_ref[:, None] * self._frame_map[1]  # [Q, T]
+            x = torch.where(self._periodic, wrap_angle(x - ref), x - ref)
+            matched = valid.to(pairs.query.device)[pairs.query]
+            if not bool(matched.any()):
+                raise UserError("cannot fit the head's frame statistics: no pairs of valid (matched) queries")
+            q = pairs.query[matched]
+            columns = self._frame_columns(pairs.raw[matched], phi_ref[q], eta_ref[q])
+            lo, median, hi = linear_quantiles(columns, [0.16, 0.5, 0.84]).to(self.frame_center.dtype)
+            half = (hi - lo) / 2
+            self.frame_center.copy_(median)
+            self.frame_scale.copy_(torch.where(half > 0, half, 1.0))
+        x = x[valid]
         if self.targets == "raw":
             self.target_mean.zero_()
             self.target_std.copy_(torch.tensor([self.raw_scale.get(f, 1.0) for f in self.target_fields]))
             return
         if x.shape[0] == 0:
             raise UserError("cannot fit the target scaling: no valid (matched) particles")
+        self._fit_targets(x)
+
+    def _fit_targets(self, x: Tensor, fixed: Tensor | None = None) -> None:
+        """Standardised target_mean / target_std from regressed values x [Q', T]; columns where
+        `fixed` [T] is True get mean 0 and std 1."""
         mean = torch.where(self._periodic, 0.0, x.mean(0))
         std = ((x - mean) ** 2).mean(0).sqrt().clamp(min=1e-6)
+        if fixed is not None:
+            mean, std = torch.where(fixed, 0.0, mean), torch.where(fixed, 1.0, std)
         self.target_mean.copy_(mean)
         self.target_std.copy_(std)
+
+    def check_state(self, state: dict, prefix: str = "") -> None:
+        """UserError when a state dict (keys `prefix` + name) is of a head of another frame kind.
+        A partial state dict (without `target_mean`, e.g. dropout streams only) is not checked."""
+        if prefix + "target_mean" not in state:
+            return
+        saved = "track" if prefix + "frame_center" in state else "none"
+        if saved != self.frame:
+            raise UserError(f"a head checkpoint of frame {saved!r} cannot be loaded into a head of frame "
+                            f"{self.frame!r}: build the head with the checkpoint's head_config (frame: {saved})")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        self.check_state(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def loss(self, pred: Tensor, hb: HeadBatch) -> Tensor:
         """Scalar smooth-L1 (beta 1) on scaled targets: mean over targets, then over valid queries.

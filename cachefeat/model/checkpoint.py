@@ -110,6 +110,12 @@ def load_model_state(model: nn.Module, ckpt: dict, prefix: str = "model.") -> No
     where = ckpt.get("path", "<in memory>")
     state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     model = stage1_module(model)
+    check = getattr(model, "check_state", None)  # a model that names a checkpoint of another kind (the head's frame)
+    if check is not None:
+        try:
+            check(state)
+        except UserError as exc:
+            raise UserError(f"checkpoint {where}: {exc}") from None
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

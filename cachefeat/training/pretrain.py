@@ -19,7 +19,7 @@ from cachefeat.config import instantiate, section
 from cachefeat.data.events import EventFile, bucketed_batches
 from cachefeat.errors import UserError
 from cachefeat.evaluation.metrics import regression_metrics
-from cachefeat.head.inputs import from_model_outputs
+from cachefeat.head.inputs import HeadBatch, from_model_outputs
 from cachefeat.model.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from cachefeat.model.hepattn import is_hepattn_block
 from cachefeat.model.layers import count_parameters
@@ -100,7 +100,15 @@ def build_stage1(config: dict, joint: bool = False):
 
 
 def fit_head_scaling(head, events: EventFile) -> None:
-    """Standardise the head's targets on every valid particle of a training file."""
+    """Standardise the head's targets on every valid particle of a training file.
+
+    A head with a frame (frame="track") fits its scaling on a HeadBatch: here the truth's, each
+    particle a query whose pairs are its own hits with p = 1 (the backbone is still training),
+    particles without hits left out.
+    """
+    if getattr(head, "frame", "none") != "none":
+        _fit_frame_head_scaling(head, events)
+        return
     parts = []
     for start in range(0, len(events), 1024):
         batch = events.read(np.arange(start, min(start + 1024, len(events))))
@@ -108,6 +116,47 @@ def fit_head_scaling(head, events: EventFile) -> None:
         parts.append(torch.stack([batch[f"particle_{f}"] for f in fields], dim=-1)[batch["particle_valid"]])
     values = torch.cat(parts)
     head.fit_scaling(values, torch.ones(len(values), dtype=torch.bool))
+
+
+def truth_head_batch(batch: dict, raw_fields: list[str], particle_fields: list[str], dim: int) -> HeadBatch:
+    """A HeadBatch of the truth of a padded event batch: a query per valid particle with hits, its
+    hits as its pairs (logit 20, p = 1), zero embeddings, every query matched to its particle."""
+    owner = batch["hit_particle_index"]  # [B, M], -1 for noise and padding
+    particle_valid = batch["particle_valid"]
+    B, P = particle_valid.shape
+    hit_keep = batch["hit_valid"] & (owner >= 0) & particle_valid.gather(1, owner.clamp(min=0))
+    hit_event, hit_pos = hit_keep.nonzero(as_tuple=True)
+    hit_owner = owner[hit_event, hit_pos]
+    has_hits = torch.zeros(B, P, dtype=torch.bool)
+    has_hits[hit_event, hit_owner] = True
+    query_keep = particle_valid & has_hits
+    query_event, query_particle = query_keep.nonzero(as_tuple=True)
+    query_row = (query_keep.flatten().cumsum(0) - 1).view(B, P)
+
+    def offsets(keep):
+        return torch.cat([torch.zeros(1, dtype=torch.int64), keep.sum(1).cumsum(0)])
+
+    Q, H = query_event.shape[0], hit_event.shape[0]
+    return HeadBatch(
+        event_id=batch["event_id"].to(torch.int64), hit_offsets=offsets(hit_keep), query_offsets=offsets(query_keep),
+        hit_raw=torch.stack([batch[f"hit_{f}"][hit_event, hit_pos].float() for f in raw_fields], dim=-1),
+        hit_embed=torch.zeros(H, dim), query_embed=torch.zeros(Q, dim), query_valid_logit=torch.zeros(Q),
+        query_slot=query_particle, target_index=query_particle,
+        targets=torch.stack([batch[f"particle_{f}"][query_event, query_particle].float() for f in particle_fields],
+                            dim=-1),
+        target_valid=torch.ones(Q, dtype=torch.bool), pair_query=query_row[hit_event, hit_owner],
+        pair_hit=torch.arange(H), pair_logit=torch.full((H,), 20.0))
+
+
+def _fit_frame_head_scaling(head, events: EventFile) -> None:
+    from cachefeat.head.inputs import concat
+
+    parts = []
+    for start in range(0, len(events), 1024):
+        batch = events.read(np.arange(start, min(start + 1024, len(events))))
+        parts.append(truth_head_batch(batch, head.raw_fields, head.particle_fields, head.dim))
+    first = concat(parts)
+    head.fit_scaling(first.targets, first.target_valid, first)
 
 
 @torch.no_grad()

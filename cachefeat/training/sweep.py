@@ -12,7 +12,7 @@ and/or an explicit list, each a set of dotted overrides of the base config::
     cachefeat sweep --config CONFIG --cache TRAIN.zarr --val-cache VAL.zarr --output RUN_DIR
 
 Sweepable keys (`SWEEP_KEYS`): head.init_args.{hidden_dim, num_layers, dropout,
-assignment_threshold} and train.{lr, weight_decay, seed}. Everything else is shared by all
+assignment_threshold, frame} and train.{lr, weight_decay, seed}. Everything else is shared by all
 variants: batch size, epochs, the event order (from the base config's train.seed), gradient
 clipping and accumulation, mixed precision. A variant's train.seed sets its initial weights and
 its dropout stream only. A grid variant is named after its values (`hidden_dim64-dropout0.1-lr0.003`);
@@ -20,7 +20,8 @@ a listed one by its `name`.
 
 Each batch is read, gathered, moved to the device and widened once, and its pair weights
 (sigmoid of the pair logits, the threshold mask, the per-query normalisation, the pairs' hit
-features and the sparse weight matrices) are computed once per distinct threshold; then every
+features and the sparse weight matrices, and for frame="track" heads the frame of each query)
+are computed once per distinct threshold; then every
 variant takes its own step on it, with its own parameters, AdamW optimizer, OneCycle schedule and
 dropout streams (`StreamDropout`, not torch's global RNG). So a variant ends with the same weights
 and per-step losses as `train(...)` run alone on its config (with the sweep's event order).
@@ -60,7 +61,7 @@ from tqdm import tqdm
 from cachefeat.config import did_you_mean, section
 from cachefeat.errors import UserError
 from cachefeat.head.inputs import HeadBatch
-from cachefeat.head.regression import PairWeights, pair_weights
+from cachefeat.head.regression import FRAMES, PairWeights, pair_weights
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ SWEEP_KEYS = {
     "head.init_args.num_layers": (int, lambda v: v >= 1, ">= 1"),
     "head.init_args.dropout": (float, lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     "head.init_args.assignment_threshold": (float, lambda v: 0.0 < v < 1.0, "in (0, 1)"),
+    "head.init_args.frame": (str, lambda v: v in FRAMES, f"one of {', '.join(FRAMES)}"),
     "train.lr": (float, lambda v: v > 0.0, "> 0"),
     "train.weight_decay": (float, lambda v: v >= 0.0, ">= 0"),
     "train.seed": (int, lambda v: v >= 0, ">= 0"),
@@ -148,6 +150,10 @@ def _checked(key: str, value, where: str):
         raise UserError(f"{where}: '{key}' cannot be swept{did_you_mean(key, SWEEP_KEYS)}; sweepable keys: "
                         f"{', '.join(SWEEP_KEYS)} (batch size, epochs and event order are shared)")
     kind, check, requirement = SWEEP_KEYS[key]
+    if kind is str:
+        if not isinstance(value, str) or not check(value):
+            raise UserError(f"{where}: {key} must be {requirement}, not {value!r}")
+        return value
     ok_type = isinstance(value, (int, float)) and not isinstance(value, bool)
     if kind is int and not isinstance(value, int):
         ok_type = False
@@ -178,7 +184,7 @@ class VariantHead(nn.Module):
     def forward(self, hb: HeadBatch, pairs: PairWeights | None = None) -> Tensor:
         if pairs is None:
             return self.head(hb)
-        return self.head.mlp(self.head.features_from_pairs(hb, pairs))
+        return self.head.predict_from_pairs(hb, pairs)
 
     def loss(self, pred: Tensor, hb: HeadBatch) -> Tensor:
         return self.head.loss(pred, hb)
@@ -369,7 +375,7 @@ def _build_run(variant: Variant, reader, first: HeadBatch, total_steps: int, acc
     if head.assignment_threshold < floor:
         raise UserError(f"variant {variant.name}: head.assignment_threshold {head.assignment_threshold} is "
                         f"below the cache floor {floor}: pairs between them were not stored")
-    head.fit_scaling(first.targets, first.target_valid)
+    head.fit_scaling(first.targets, first.target_valid, first)
     optimizer = adamw(head.parameters(), own["lr"], own["weight_decay"])
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=own["lr"], total_steps=max(total_steps, 1) + 1)
     model, optimizer = accelerator.prepare(VariantHead(head), optimizer)  # the scheduler stays out, as in train

@@ -213,7 +213,7 @@ def train(config: dict, run_dir, *, source: str = "cache", cache=None, val_cache
         val_iter = lambda: (val_resident.batch(idx) for idx in  # noqa: E731
                             validation_batches(val_reader.num_events, settings["batch_size"], rank, world))
         first = reader.read_events(0, min(reader.num_events, SCALING_EVENTS))
-        head.fit_scaling(first.targets, first.target_valid)
+        head.fit_scaling(first.targets, first.target_valid, first)
         frozen_counts = summarize(reader.metrics())
         accelerator.print(f"head: {count_parameters(head):,} trainable parameters; backbone: not loaded "
                           f"(cache mode, {data_mode}); {reader.num_events:,} training events")
@@ -347,7 +347,7 @@ def _fit_scaling_live(head, frozen, events, floor: float, batch_size: int, devic
         hb, _ = frozen.head_batch({k: v.to(device) for k, v in events.read(idx).items()}, floor)
         parts.append(hb)
     first = concat(parts)
-    head.fit_scaling(first.targets, first.target_valid)
+    head.fit_scaling(first.targets, first.target_valid, first)
 
 
 def _check_resume_config(run_dir: Path, config: dict) -> None:

@@ -33,7 +33,7 @@ def test_variants_are_the_grid_then_the_list(muon_config):
     config = _config(muon_config, {
         "grid": {"head.init_args.hidden_dim": [64, 120], "train.lr": [1.0e-3, 3.0e-3]},
         "variants": [{"name": "deep", "head.init_args.num_layers": 4}],
-    })
+    }, lr=1.0e-3)  # the base lr, which "deep" keeps
     variants = sweep_variants(config)
     assert [v.name for v in variants] == ["hidden_dim64-lr0.001", "hidden_dim64-lr0.003", "hidden_dim120-lr0.001",
                                           "hidden_dim120-lr0.003", "deep"]
@@ -60,6 +60,27 @@ def test_variants_are_the_grid_then_the_list(muon_config):
 def test_bad_sweep_blocks_are_refused(muon_config, block, message):
     with pytest.raises(UserError, match=message):
         sweep_variants(_config(muon_config, block))
+
+
+def test_frame_can_be_swept(muon_config, cache32, val_cache32, tmp_path, one_torch_thread):
+    """head.init_args.frame is sweepable: each variant equals its separate run, bit for bit."""
+    config = _config(muon_config, {"grid": {"head.init_args.frame": ["none", "track"]}}, batch_size=32)
+    variants = sweep_variants(config)
+    assert [v.name for v in variants] == ["framenone", "frametrack"]
+    sweep(config, tmp_path / "sweep", cache=cache32.path, val_cache=val_cache32.path, data_mode="memory",
+          device="cpu", max_steps=3, workers=1)
+    report = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    for variant in variants:
+        alone = train(variant.config, tmp_path / variant.name, cache=cache32.path, val_cache=val_cache32.path,
+                      data_mode="memory", device="cpu", max_steps=3)
+        assert report["variants"][variant.name]["step_losses"] == alone["step_losses"], variant.name
+        a = load_checkpoint(tmp_path / variant.name / "head.ckpt")
+        b = load_checkpoint(tmp_path / "sweep" / variant.name / "head.ckpt")
+        assert a["head_config"]["frame"] == b["head_config"]["frame"] == variant.value("head.init_args.frame")
+        for name in a["state_dict"]:
+            assert torch.equal(a["state_dict"][name], b["state_dict"][name]), (variant.name, name)
+    with pytest.raises(UserError, match="head.init_args.frame must be one of none, track, not 'event'"):
+        sweep_variants(_config(muon_config, {"grid": {"head.init_args.frame": ["event"]}}))
 
 
 @pytest.fixture
