@@ -11,9 +11,9 @@ starts `python benchmarks/harness.py worker ...` (the training mode, STEPS optim
 prints one JSON line with the child's `ru_maxrss` (RUSAGE_CHILDREN; this process has no other child).
 
 Environment: CACHEFEAT_BENCH_DEVICE (cpu | cuda, default cpu), CACHEFEAT_BENCH_SCALE (multiplies
-the event counts, default 1), CACHEFEAT_BENCH_BATCH (training batch size; default the config's
-train.batch_size), CACHEFEAT_BENCH_THREADS (torch intra-op threads; default 1 on
-cpu, 0 = torch's default on cuda), CACHEFEAT_BENCH_RESULTS (results folder, default
+the event counts, default 1), CACHEFEAT_BENCH_BATCH (training batch size; default 256, the batch of
+every reference run, whatever the config's train.batch_size), CACHEFEAT_BENCH_THREADS (torch
+intra-op threads; default 1 on cpu, 0 = torch's default on cuda), CACHEFEAT_BENCH_RESULTS (results folder, default
 benchmarks/results), CACHEFEAT_BENCH_DATA (data folder, default benchmarks/.data).
 """
 
@@ -34,6 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
+REFERENCE_BATCH = 256
 MODES = ("joint", "live_frozen_dense", "live_frozen_sparse", "cached_stream", "cached_memory")
 DTYPES = ("float32", "float16")
 REQUIRED_KEYS = (
@@ -150,11 +151,8 @@ def settings_from_env(name: str = "muon") -> BenchSettings:
                     n_train=32, n_val=8, n_extract=8, target_val_loss=0.5, max_epochs=5)
     else:
         raise UserError(f"unknown benchmark set {name!r} (muon or trackml)")
-    from cachefeat.config import load_config
-
-    config_batch = (load_config(ROOT / base["config"]).get("train") or {}).get("batch_size", 256)
     try:
-        batch = int(os.environ.get("CACHEFEAT_BENCH_BATCH") or config_batch)
+        batch = int(os.environ.get("CACHEFEAT_BENCH_BATCH") or REFERENCE_BATCH)
         threads = int(os.environ.get("CACHEFEAT_BENCH_THREADS") or (0 if gpu else 1))
     except ValueError:
         raise UserError("CACHEFEAT_BENCH_BATCH and CACHEFEAT_BENCH_THREADS must be integers") from None

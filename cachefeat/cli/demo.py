@@ -3,8 +3,8 @@
 simulate (train/val/test) → extract with the shipped stage-1 checkpoint → train the head on the
 cache → evaluate (plots, helix-fit baseline) → a summary table, including cached vs live-frozen
 training speed measured on a slice. Re-running reuses what is there after checking it: event
-files by their generator settings, caches by their fingerprint, the head by the cache it was
-trained on.
+files by their generator settings, caches by their fingerprint, the head by its head and train
+settings and the cache it was trained on.
 """
 
 from __future__ import annotations
@@ -92,7 +92,9 @@ def _head(config, work: Path, train_cache: Path, val_cache: Path, checkpoint, de
     if ckpt.exists():
         saved = torch.load(ckpt, map_location="cpu", weights_only=True)
         if (saved.get("cache_fingerprint") == CacheReader(train_cache).fingerprint
-                and saved.get("metrics", {}).get("epoch") == EPOCHS):
+                and saved.get("metrics", {}).get("epoch") == EPOCHS
+                and {k: saved.get("config", {}).get(k) for k in ("head", "train")}
+                == {k: config.get(k) for k in ("head", "train")}):
             return saved["metrics"], "reused"
     shutil.rmtree(run_dir, ignore_errors=True)
     result = train(config, run_dir, cache=train_cache, val_cache=val_cache, checkpoint=checkpoint,
