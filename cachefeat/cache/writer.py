@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
-from zarr.abc.store import Store
 
 from cachefeat.cache import schema
 from cachefeat.cache.fingerprint import fingerprint_diff
@@ -125,7 +124,8 @@ class CacheWriter:
         metric_names: names of the int64 per-event counts passed to `write_block`.
         block_size: events per commit block (layout, not content).
         mode: "create" (nothing there), "resume" (same fingerprint and layout; committed blocks
-            are kept) or "overwrite" (delete an existing cache). Only rank 0 applies it.
+            are kept, orphaned `*.partial` files removed; nothing there: created) or "overwrite"
+            (delete an existing cache). Only rank 0 applies it.
         rank, world: this process and the number of writer processes (see the module docs).
         queue_depth: blocks that may wait for the writer thread.
     """
@@ -185,12 +185,11 @@ class CacheWriter:
                 "complete": False,
             }
         )
-        if rank == 0 and mode == "resume" and not isinstance(path, Store) and not Path(path).exists():
-            raise UserError(f"cannot resume {self._where}: it does not exist; drop --resume")
         try:
             self._store, local = schema.open_store(path, read_only=False)
         except (FileExistsError, NotADirectoryError) as exc:
             raise UserError(f"cannot create cache {self._where}: {exc}") from exc
+        self._local = local
         self._lock = _Lock(local, self._where) if local is not None and rank == 0 else None
         if rank == 0:
             self._open_main(mode)
@@ -204,6 +203,16 @@ class CacheWriter:
         self._thread.start()
 
     # --- opening ------------------------------------------------------------------------------
+
+    def _remove_orphans(self) -> None:
+        """Delete the `*.partial` files a killed writer left (zarr's LocalStore writes each file
+        under a temporary `<name>.<uuid>.partial` name, then renames it): no live writer holds
+        them, the lock says so. Remote stores write objects whole and leave none."""
+        if self._local is None:
+            return
+        for orphan in self._local.rglob("*.partial"):
+            orphan.unlink(missing_ok=True)
+            log.debug("removed %s, left by an interrupted write", orphan)
 
     def _open_main(self, mode: str) -> None:
         if self._lock is not None:
@@ -220,11 +229,14 @@ class CacheWriter:
                 if others:
                     raise UserError(f"{self._where} exists and is not empty; choose another path")
                 self._create_root()
+            elif mode == "resume" and not is_cache:
+                # nothing to resume yet: start it, so a retried job can always pass --resume
+                if others:
+                    raise UserError(f"cannot resume {self._where}: it is not a cachefeat cache")
+                self._create_root()
             elif mode == "resume":
-                if not is_cache:
-                    what = "is not a cachefeat cache" if others else "does not exist"
-                    raise UserError(f"cannot resume {self._where}: it {what}; drop --resume")
                 self._check_matches(existing, "resume")
+                self._remove_orphans()
                 # incomplete again until `finalize`, which re-checks every block and rewrites the index
                 zarr.open_group(self._store, mode="r+", use_consolidated=False).update_attributes(
                     {"complete": False}

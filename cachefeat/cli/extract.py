@@ -29,7 +29,9 @@ def add_parser(subparsers) -> None:
     add_split_option(events)
     p.add_argument("--output", required=True, help="cache directory to write (Zarr v3)")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--resume", action="store_true", help="finish an interrupted extraction (same settings)")
+    mode.add_argument("--resume", action="store_true",
+                      help="finish an interrupted extraction (same settings); starts it when the cache does not "
+                      "exist yet, so a retried job can always pass --resume")
     mode.add_argument("--overwrite", action="store_true", help="replace an existing cache")
     p.add_argument("--batch-size", type=int, help="events per forward batch (default: extract.batch_size, 64)")
     p.add_argument("--block-size", type=int, help="events per commit block (default: extract.block_size, 4096)")

@@ -423,6 +423,37 @@ def test_resume_skips_committed_blocks_and_gives_identical_files(tmp_path, cache
     assert_batches_equal(CacheReader(path).read_events(0, E), reference_batch(events))
 
 
+def test_resume_of_nothing_starts_the_cache(tmp_path, caches, events):
+    """A retried job passes --resume from its first try on: with nothing there it creates the cache."""
+    once = caches()
+    path = tmp_path / "retried.zarr"
+    writer = make_writer(path, mode="resume")
+    write_blocks(writer, events)
+    writer.finalize()
+    assert manifests(path) == manifests(once)
+
+
+def test_resume_removes_orphaned_partial_files(tmp_path, caches, events):
+    """zarr writes each file as `<name>.<uuid>.partial` and renames it; a SIGKILL in between leaves
+    the temporary: resume deletes every such orphan, committed blocks' included, and the cache
+    ends as an uninterrupted one."""
+    once = caches()
+    path = tmp_path / "orphans.zarr"
+    writer = make_writer(path)
+    write_blocks(writer, events, blocks=[0, 1])
+    writer.close()
+    orphans = [path / "blocks" / "000000" / "hits" / "embed.4f2a.partial",
+               path / "blocks" / "000003" / "zarr.json.91bc.partial", path / "zarr.json.77aa.partial"]
+    for orphan in orphans:
+        orphan.parent.mkdir(parents=True, exist_ok=True)
+        orphan.write_bytes(b"half a file")
+    writer = make_writer(path, mode="resume")
+    write_blocks(writer, events)
+    writer.finalize()
+    assert not list(path.rglob("*.partial"))
+    assert manifests(path) == manifests(once)
+
+
 def test_two_ranks_equal_one_writer(tmp_path, caches, events):
     once = caches()
     path = tmp_path / "ranks.zarr"
