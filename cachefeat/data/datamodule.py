@@ -112,8 +112,8 @@ class DataModuleEvents:
             raise UserError(f"{self.path}: event {k} is not an (inputs, targets) pair of dicts")
         return item
 
-    def _event(self, k: int) -> tuple[dict[str, np.ndarray], tuple]:
-        """Event k checked and unpadded: ({hit field: float32 [n]}, (particle valid [P],
+    def _event(self, k: int) -> tuple[dict[str, np.ndarray], int, tuple]:
+        """Event k checked and unpadded: ({hit field: float32 [n]}, n, (particle valid [P],
         {particle field: float32 [P]}, particle hits bool [P, n]))."""
         inputs, targets = self._item(k)
         if "hit_valid" not in inputs:
@@ -130,7 +130,7 @@ class DataModuleEvents:
             if not np.isfinite(values).all():
                 raise UserError(f"{self.path}: hit field '{name}' is NaN or infinite in event {k}")
             hits[name] = values
-        return hits, self._particles(targets, valid, k)
+        return hits, int(valid.sum()), self._particles(targets, valid, k)
 
     def read(self, indices) -> dict[str, torch.Tensor]:
         """Padded batch of the events `indices`, as `EventFile.read` returns it (same keys, dtypes, shapes)."""
@@ -145,15 +145,14 @@ class DataModuleEvents:
         from cachefeat.data.events import bucketed_batches
 
         events = [self._event(k) for k in range(start, stop)]
-        counts = np.array([len(next(iter(hits.values()), ())) for hits, _ in events], dtype=np.int64)
+        counts = np.array([n for _, n, _ in events], dtype=np.int64)
         for local in bucketed_batches(counts, batch_size, seed=None):
             yield local, self._pad(start + local, [events[i] for i in local.tolist()])
 
     def _pad(self, idx: np.ndarray, events: list) -> dict[str, torch.Tensor]:
         B = idx.size
-        sizes = [len(next(iter(hits.values()), ())) for hits, _ in events]
-        M = max(sizes + [1])
-        P = max([p[0].size for _, p in events] + [1])
+        M = max([n for _, n, _ in events] + [1])
+        P = max([p[0].size for _, _, p in events] + [1])
         out = {"event_id": torch.from_numpy(self.event_id[idx].copy()),
                "hit_valid": torch.zeros(B, M, dtype=torch.bool),
                "particle_valid": torch.zeros(B, P, dtype=torch.bool),
@@ -163,7 +162,7 @@ class DataModuleEvents:
             out[f"hit_{name}"] = torch.zeros(B, M)
         for name in self.particle_fields:
             out[f"particle_{name}"] = torch.zeros(B, P)
-        for b, ((hits, (pvalid, pfields, phits)), n) in enumerate(zip(events, sizes)):
+        for b, (hits, n, (pvalid, pfields, phits)) in enumerate(events):
             p = pvalid.size
             out["hit_valid"][b, :n] = True
             for name, values in hits.items():

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import importlib.util
 
 import torch
 from torch import Tensor, nn
@@ -219,7 +220,7 @@ class HepattnBackbone(nn.Module):
         B, N = pred_idxs.shape
         target_index = torch.full((B, N), -1, dtype=torch.long, device=valid.device)
         slots = torch.arange(N, device=valid.device).expand(B, N)
-        target_index.scatter_(1, pred_idxs, torch.where(valid[:, :N], slots, -1))
+        target_index.scatter_(1, pred_idxs, torch.where(valid, slots, -1))
         return target_index
 
     def _targets(self, batch: dict) -> dict[str, Tensor]:
