@@ -1,6 +1,6 @@
 """The error experience across commands: every user mistake is one clear line on stderr,
-`cachefeat <command>: error: ...`, exit code 2, no traceback (unless `--debug`); every
-command's `--help` shows an example.
+`cachefeat <command>: error: ...`, exit code 2, no traceback (unless `--debug`), and nothing new
+left behind; every command's `--help` shows an example.
 
 Most rows run in-process through `cachefeat.cli.main`; a few run `python -m cachefeat` to
 prove the exit code as the shell sees it.
@@ -70,12 +70,31 @@ def paths(tmp_path_factory, cache32, muon_config) -> dict:
         del f["hits/eta"]
     p["text"] = work / "notes.txt"
     p["text"].write_text("not an HDF5 file\n")
+    p["truncated"] = work / "truncated.h5"
+    p["truncated"].write_bytes(p["events"].read_bytes()[: p["events"].stat().st_size // 2])
+    p["nan_hit"] = work / "nan_hit.h5"
+    shutil.copy(p["events"], p["nan_hit"])
+    with h5py.File(p["nan_hit"], "a") as f:
+        offsets = f["events/hit_offsets"][:]
+        x = f["hits/x"][:]
+        x[offsets[13] + 2] = float("nan")  # a hit of the 14th event, read in the first batch
+        f["hits/x"][:] = x
 
     config = yaml.safe_load(CONFIG.read_text())
     typo = json.loads(json.dumps(config))
     typo["train"]["lr_rate"] = typo["train"].pop("lr")
     p["typo_config"] = work / "typo.yaml"
     p["typo_config"].write_text(yaml.safe_dump(typo))
+    head_typo = json.loads(json.dumps(config))
+    head_typo["head"]["init_args"]["hiden_dim"] = head_typo["head"]["init_args"].pop("hidden_dim", 64)
+    p["head_typo_config"] = work / "head_typo.yaml"
+    p["head_typo_config"].write_text(yaml.safe_dump(head_typo))
+    section_typo = {("trian" if k == "train" else k): v for k, v in config.items()}
+    p["section_typo_config"] = work / "section_typo.yaml"
+    p["section_typo_config"].write_text(yaml.safe_dump(section_typo))
+    sweep_config = {**config, "sweep": {"variants": [{"name": "a", "head.init_args.dropout": 1.5}]}}
+    p["sweep_config"] = work / "sweep.yaml"
+    p["sweep_config"].write_text(yaml.safe_dump(sweep_config))
     no_data = {k: v for k, v in config.items() if k != "data"}
     p["no_data_config"] = work / "no_data.yaml"
     p["no_data_config"].write_text(yaml.safe_dump(no_data))
@@ -137,7 +156,7 @@ MISTAKES = {
     "extract-missing-input": (EXTRACT.replace("--input {events}", "--input {work}/nope.h5"), "event file not found"),
     "extract-input-not-hdf5": (EXTRACT.replace("--input {events}", "--input {text}"), "is not an HDF5 file"),
     "extract-missing-field": (EXTRACT.replace("--input {events}", "--input {no_eta}"), "no hit field 'eta'"),
-    "extract-zero-batch": (EXTRACT + " --batch-size 0", "batch_size must be a positive integer"),
+    "extract-zero-batch": (EXTRACT + " --batch-size 0", "extract.batch_size must be an integer >= 1, not 0"),
     "extract-floor-above-1": (EXTRACT + " --floor 1.5", "floor must be a probability"),
     "extract-unknown-dtype": (EXTRACT + " --dtype float8", "invalid choice: 'float8'"),
     "extract-dtype-typo": (EXTRACT + " --dtype flaot16", "(did you mean 'float16'?)"),
@@ -174,6 +193,51 @@ MISTAKES = {
     "demo-missing-config": ("demo --config {work}/nope.yaml --workdir {work}/demo", "config file not found"),
     "sweep-without-sweep-block": ("sweep --config {config} --cache {cache} --val-cache {cache} --output {work}/sweep",
                                   "has no sweep block"),
+    # Every setting checked before work starts, whichever command reads it: key, value and what is allowed.
+    "extract-set-head-typo": (EXTRACT + " --set head.init_args.assignment_treshold=0.2",
+                              "unknown key 'head.init_args.assignment_treshold' "
+                              "(did you mean 'assignment_threshold'?)"),
+    "extract-config-head-typo": (EXTRACT.replace("{config}", "{head_typo_config}"),
+                                 "unknown key 'head.init_args.hiden_dim' (did you mean 'hidden_dim'?)"),
+    "train-config-section-typo": (TRAIN.replace("{config}", "{section_typo_config}"),
+                                  "unknown config section 'trian' (did you mean 'train'?)"),
+    "extract-model-zero-dim": (EXTRACT + " --set model.init_args.dim=0",
+                               "model.init_args.dim must be an integer >= 1, not 0"),
+    "extract-data-zero-max-hits": (EXTRACT + " --set data.max_hits=0",
+                                   "data.max_hits must be an integer >= 1 or null, not 0"),
+    "extract-dtype-typo-in-config": (EXTRACT + " --set extract.dtype=flaot16",
+                                     "extract.dtype must be one of float32, float16, bfloat16, not 'flaot16' "
+                                     "(did you mean 'float16'?)"),
+    "train-negative-lr": (TRAIN + " --set train.lr=-1", "train.lr must be a number > 0, not -1"),
+    "train-negative-weight-decay": (TRAIN + " --set train.weight_decay=-1", "train.weight_decay must be a number >= 0"),
+    "train-zero-accumulation": (TRAIN + " --set train.gradient_accumulation_steps=0",
+                                "train.gradient_accumulation_steps must be an integer >= 1, not 0"),
+    "train-negative-batch-in-config": (TRAIN + " --set train.batch_size=-5",
+                                       "train.batch_size must be an integer >= 1"),
+    "train-zero-hidden-dim": (TRAIN + " --set head.init_args.hidden_dim=0",
+                              "head.init_args.hidden_dim must be an integer >= 1 or null, not 0"),
+    "train-dropout-above-1": (TRAIN + " --set head.init_args.dropout=1.5",
+                              "head.init_args.dropout must be a number in [0, 1), not 1.5"),
+    "train-negative-grad-clip": (TRAIN + " --set train.grad_clip=-1", "train.grad_clip must be a number >= 0"),
+    "train-zero-layers": (TRAIN + " --set head.init_args.num_layers=0", "head.init_args.num_layers must be an integer"),
+    "train-threshold-one": (TRAIN + " --set head.init_args.assignment_threshold=1",
+                            "head.init_args.assignment_threshold must be a number in (0, 1), not 1"),
+    "train-threshold-below-floor": (TRAIN + " --set head.init_args.assignment_threshold=0.05",
+                                    "is below the cache floor"),
+    "train-missing-cache": (TRAIN.replace("--cache {cache}", "--cache {work}/nope.zarr"), "no cache at"),
+    "pretrain-negative-grad-clip": (PRETRAIN + " --set pretrain.grad_clip=-1",
+                                    "pretrain.grad_clip must be a number >= 0"),
+    "evaluate-fit-not-bool": (EVALUATE + " --set evaluate.fit=maybe", "evaluate.fit must be true or false"),
+    "verify-zero-extract-batch": (VERIFY + " --set extract.batch_size=0", "extract.batch_size must be an integer >= 1"),
+    "demo-section-typo": ("demo --config {section_typo_config} --workdir {work}/demo",
+                          "unknown config section 'trian'"),
+    "sweep-dropout-above-1": ("sweep --config {sweep_config} --cache {cache} --val-cache {cache} --output {work}/sweep",
+                              "head.init_args.dropout must be a number in [0, 1), not 1.5"),
+    # Input files checked up front; a problem found mid-run names the event and leaves no cache.
+    "extract-truncated-hdf5": (EXTRACT.replace("--input {events}", "--input {truncated}"),
+                               "is not a readable HDF5 file (Unable to synchronously open file (truncated file"),
+    "extract-nan-hit": (EXTRACT.replace("--input {events}", "--input {nan_hit}") + " --no-progress",
+                        "hit field 'x' is NaN or infinite in event 13"),
     "sweep-zero-workers": ("sweep --config {config} --cache {cache} --val-cache {cache} --output {work}/sweep "
                            "--workers 0", "--workers must be at least 1"),
 }
@@ -186,11 +250,18 @@ MISTAKES = {
      for name, (line, fragment) in MISTAKES.items()],
 )
 def test_mistake_is_one_line_and_exit_2(paths, assert_cli_error, line, fragment):
+    before = _tree(paths["work"])
     assert_cli_error(shlex.split(line.format(**paths)), fragment)
+    assert _tree(paths["work"]) == before, "the failed command left files behind"
+
+
+def _tree(root: Path) -> dict[str, int]:
+    """Every file and directory under `root` with its size (directories: -1)."""
+    return {str(p.relative_to(root)): (-1 if p.is_dir() else p.stat().st_size) for p in root.rglob("*")}
 
 
 def test_table_covers_every_command():
-    assert len(MISTAKES) >= 20
+    assert len(MISTAKES) >= 40
     assert {line.split()[0] for line, _ in MISTAKES.values()} >= set(COMMANDS)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cachefeat.config import section
+from cachefeat.config import POSITIVE_INT, check_allowed, one_of, section
 from cachefeat.errors import UserError
 from cachefeat.head.inputs import HeadBatch, concat
 
@@ -39,6 +39,8 @@ CHOICES = {
     "keep_queries": ("all", "matched"),
     "precision": ("fp32", "bf16"),
 }
+EXTRACT_ALLOWED = {"batch_size": POSITIVE_INT, "block_size": POSITIVE_INT,
+                   **{key: one_of(*allowed) for key, allowed in CHOICES.items()}}
 MODES = ("create", "resume", "overwrite")
 
 
@@ -53,14 +55,9 @@ def resolve_options(config: dict, **given) -> dict:
 
     Also resolves `floor` (default: `default_floor(config)`). Invalid values raise UserError.
     """
-    opts = section(config, "extract", EXTRACT_DEFAULTS)
+    opts = section(config, "extract", EXTRACT_DEFAULTS, EXTRACT_ALLOWED)
     opts.update({k: v for k, v in given.items() if v is not None and k != "floor"})
-    for key, allowed in CHOICES.items():
-        if opts[key] not in allowed:
-            raise UserError(f"extract.{key} must be one of {', '.join(allowed)}, not '{opts[key]}'")
-    for key in ("batch_size", "block_size"):
-        if not isinstance(opts[key], int) or opts[key] < 1:
-            raise UserError(f"extract.{key} must be a positive integer, not {opts[key]!r}")
+    check_allowed("extract", opts, EXTRACT_ALLOWED)
     floor = given.get("floor")
     opts["floor"] = default_floor(config) if floor is None else float(floor)
     if not 0.0 < opts["floor"] < 1.0:

@@ -2,8 +2,22 @@
 
 Each module in this package defines `add_parser(subparsers)`, which registers its
 subcommand and sets `func` to a callable taking the parsed arguments and returning an
-exit code. Exit codes: 0 success, 2 bad input or usage (one line, no traceback unless
-`--debug`), 1 internal failure.
+exit code, and `outputs`, the names of the arguments that are paths it writes: an output
+that did not exist before a command that fails (any exception but Ctrl-C, which leaves a
+resumable state) is removed, so a failed command leaves nothing new behind; an existing
+output is never touched by this.
+
+Exit codes, each failure one line on stderr (`--debug` re-raises it with its traceback):
+- 0: success;
+- 2: bad input or usage: a `UserError`, an argparse usage error, or an exception a library
+  raised (its class comes from a library, e.g. h5py or `torch.OutOfMemoryError`, or it was
+  raised inside a library's code and is not a programming error), or an `OSError` /
+  `MemoryError` (the file system or the machine); the line names the library and the
+  exception and ends with the `--debug` hint;
+- 1: an internal failure, i.e. a bug in cachefeat: any other exception, and always the
+  programming errors (`AssertionError`, `TypeError`, `NameError`, `AttributeError`, `KeyError`,
+  `IndexError`, `ZeroDivisionError`), wherever raised; the line says "internal error";
+- 130: interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -11,7 +25,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import shutil
 import sys
+from pathlib import Path
 
 from cachefeat.errors import UserError
 
@@ -73,6 +90,55 @@ def require_positive(args, *names: str) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
+def load_checked_config(path, overrides: list[str] | None = None, require: tuple[str, ...] = ()) -> dict:
+    """`load_config`, then every setting checked before any work starts (`check_config`)."""
+    from cachefeat.config import load_config
+
+    config = load_config(path, overrides, require)
+    check_config(config)
+    return config
+
+
+def check_config(config: dict) -> None:
+    """Refuse any setting no command would accept, whichever command reads it.
+
+    Sections: unknown names (did-you-mean), then each section's keys, types and ranges as its own
+    module declares them (DEFAULTS / ALLOWED). Blocks: cachefeat's own model and head classes are
+    checked against their signatures and `ALLOWED` without being built; a foreign model (a hepattn
+    class_path tree) is checked by jsonargparse when a command builds it.
+    """
+    from cachefeat.cache.extract import EXTRACT_ALLOWED, EXTRACT_DEFAULTS
+    from cachefeat.config import check_block, did_you_mean, section
+    from cachefeat.data.loading import data_settings
+    from cachefeat.evaluation.predict import EVALUATE_ALLOWED, EVALUATE_DEFAULTS
+    from cachefeat.model import hepattn
+    from cachefeat.training import pretrain, train
+    from cachefeat.training.sweep import sweep_settings
+
+    sections = {
+        "data": data_settings,
+        "model": lambda c: check_block(c["model"], "model") if _own_class(c["model"]) else None,
+        "head": lambda c: check_block(c["head"], "head"),
+        "hepattn": hepattn.settings,
+        "extract": lambda c: section(c, "extract", EXTRACT_DEFAULTS, EXTRACT_ALLOWED),
+        "train": lambda c: section(c, "train", train.DEFAULTS, train.ALLOWED),
+        "pretrain": lambda c: section(c, "pretrain", pretrain.DEFAULTS, pretrain.ALLOWED),
+        "evaluate": lambda c: section(c, "evaluate", EVALUATE_DEFAULTS, EVALUATE_ALLOWED),
+        "sweep": sweep_settings,
+    }
+    for name in config:
+        if name not in sections:
+            raise UserError(f"unknown config section '{name}'{did_you_mean(str(name), sections)}; "
+                            f"sections: {', '.join(sections)}")
+    for name, check in sections.items():
+        if name in config:
+            check(config)
+
+
+def _own_class(block) -> bool:
+    return isinstance(block, dict) and str(block.get("class_path", "")).startswith("cachefeat.")
+
+
 def example_epilog(*examples: str) -> str:
     """Format `--help` examples for a subcommand."""
     return "example:\n" + "\n".join(f"  {line}" for line in examples)
@@ -87,13 +153,57 @@ def main(argv: list[str] | None = None) -> int:
     # Our INFO messages; other libraries' only from WARNING up (Accelerate logs every checkpoint save).
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(message)s", stream=sys.stderr)
     logging.getLogger("cachefeat").setLevel(logging.DEBUG if args.debug else logging.INFO)
+    fresh = [Path(p) for p in (getattr(args, name) for name in getattr(args, "outputs", ()))
+             if p is not None and not os.path.lexists(p)]
     try:
         return int(args.func(args) or 0)
-    except UserError as exc:
-        if args.debug:
-            raise
-        print(f"cachefeat {args.command}: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"cachefeat {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        for path in fresh:
+            remove_path(path)
+        if args.debug:
+            raise
+        if isinstance(exc, UserError):
+            print(f"cachefeat {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        library = library_of(exc)
+        what = f"{type(exc).__name__}: {' '.join(str(exc).split())[:400]}"
+        if library is None:
+            print(f"cachefeat {args.command}: internal error (a bug in cachefeat, please report it): {what}; "
+                  "rerun with --debug for the traceback", file=sys.stderr)
+            return 1
+        print(f"cachefeat {args.command}: error: {what} (from {library}; rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 2
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file, link or directory tree if it is there (errors ignored: best effort on failure)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        path.unlink(missing_ok=True)
+
+
+PROGRAMMING_ERRORS = (AssertionError, TypeError, NameError, AttributeError, KeyError, IndexError, ZeroDivisionError)
+_PACKAGE_DIR = str(Path(__file__).resolve().parents[1]) + os.sep
+
+
+def library_of(exc: BaseException) -> str | None:
+    """The library an exception comes from ("the system" for OSError/MemoryError), or None for a
+    cachefeat bug (see the module docstring for the rule)."""
+    if isinstance(exc, PROGRAMMING_ERRORS):
+        return None
+    module = type(exc).__module__.split(".")[0]
+    if module not in ("builtins", "cachefeat"):
+        return module
+    if isinstance(exc, (OSError, MemoryError)):
+        return "the system"
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is None or tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        return None
+    return str(tb.tb_frame.f_globals.get("__name__", "a library")).split(".")[0]

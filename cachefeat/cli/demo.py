@@ -36,7 +36,7 @@ def add_parser(sub) -> None:
     p.add_argument("--checkpoint", default=str(ROOT / "data" / "muon_stage1.ckpt"),
                    help="stage-1 checkpoint (default: the shipped data/muon_stage1.ckpt)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, outputs=("workdir",))
 
 
 def _events(path: Path, n: int, seed: int) -> tuple[Path, str]:
@@ -122,14 +122,14 @@ def _speed(config, work: Path, train_cache: Path, val_cache: Path, checkpoint, e
 
 def run(args) -> int:
     from cachefeat.cache.reader import CacheReader, cache_summary
-    from cachefeat.config import load_config
+    from cachefeat.cli import load_checked_config
     from cachefeat.evaluation.predict import evaluate
     from cachefeat.model.checkpoint import load_checkpoint
 
     started = time.perf_counter()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    config = load_config(args.config, require=("data", "model", "head"))
+    config = load_checked_config(args.config, require=("data", "model", "head"))
     load_checkpoint(args.checkpoint)  # a missing or foreign checkpoint fails before any work
     steps = []
 

@@ -34,13 +34,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_set_option(p, "evaluate.bz=2.0")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, outputs=("output",))
 
 
 def run(args) -> int:
     import torch
 
-    from cachefeat.config import load_config
+    from cachefeat.cli import load_checked_config
     from cachefeat.data.loading import resolve_input
     from cachefeat.evaluation.predict import evaluate
 
@@ -48,7 +48,7 @@ def run(args) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
-    config = load_config(args.config, args.set)
+    config = load_checked_config(args.config, args.set)
     evaluate(config, args.head, args.output, source=args.source, cache=args.cache, checkpoint=args.checkpoint,
              input=resolve_input(config, args.input, args.split), bz=args.bz, batch_size=args.batch_size, device=device,
              progress=not args.no_progress)

@@ -51,15 +51,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     add_set_option(p, "extract.batch_size=16")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, outputs=("output",))
 
 
 def run(args) -> int:
     from cachefeat.cache.extract import extract
-    from cachefeat.config import load_config
+    from cachefeat.cli import load_checked_config
     from cachefeat.data.loading import resolve_input
 
-    config = load_config(args.config, args.set)
+    config = load_checked_config(args.config, args.set)
     source = resolve_input(config, args.input, args.split)
     mode = "resume" if args.resume else "overwrite" if args.overwrite else "create"
     summary = extract(

@@ -36,14 +36,14 @@ def add_parser(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     add_set_option(p, "pretrain.lr=1e-3")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, outputs=("output",))
 
 
 def run(args) -> int:
-    from cachefeat.config import load_config
+    from cachefeat.cli import load_checked_config
     from cachefeat.training.pretrain import pretrain
 
-    config = load_config(args.config, args.set, require=("data", "model"))
+    config = load_checked_config(args.config, args.set, require=("data", "model"))
     require_positive(args, "epochs", "batch_size")
     out = Path(args.output)
     if not args.resume and (out / "stage1_last.ckpt").exists():

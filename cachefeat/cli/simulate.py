@@ -48,7 +48,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--output", required=True, help="HDF5 file to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, outputs=("output",))
 
 
 def run(args) -> int:

@@ -44,17 +44,19 @@ def add_parser(sub) -> None:
                    help="threads stepping the variants side by side (one CPU process only; default: torch's "
                    "thread count, e.g. the cores, at most one per variant)")
     add_set_option(p, "train.epochs=5")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, outputs=("output",))
 
 
 def run(args) -> int:
-    from cachefeat.config import load_config
-    from cachefeat.training.sweep import sweep
+    from cachefeat.cli import check_config, load_checked_config
+    from cachefeat.training.sweep import sweep, sweep_variants
 
     require_positive(args, "max_epochs", "batch_size", "max_steps", "workers")
-    config = load_config(args.config, args.set)
+    config = load_checked_config(args.config, args.set)
     if "sweep" not in config:
         raise UserError(f"config {args.config} has no sweep block (see `cachefeat sweep --help`)")
+    for variant in sweep_variants(config):
+        check_config(variant.config)
     out = Path(args.output)
     if (out / "sweep.json").exists():
         raise UserError(f"{out} already holds a sweep; choose another --output")

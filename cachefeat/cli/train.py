@@ -46,15 +46,15 @@ def add_parser(sub) -> None:
                    help="train on a cache whose fingerprint does not match (with a warning)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     add_set_option(p, "train.lr=3e-4")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, outputs=("output",))
 
 
 def run(args) -> int:
-    from cachefeat.config import load_config
+    from cachefeat.cli import load_checked_config
     from cachefeat.data.loading import resolve_input
     from cachefeat.training.train import train
 
-    config = load_config(args.config, args.set, require=("data", "head"))
+    config = load_checked_config(args.config, args.set, require=("data", "head"))
     require_positive(args, "max_epochs", "batch_size", "max_steps")
     out = Path(args.output)
     if not args.resume and (out / "head.ckpt").exists():

@@ -44,7 +44,7 @@ def run(args) -> int:
     import torch
 
     from cachefeat.cache.verify import failed_fields, format_report, verify_cache
-    from cachefeat.config import load_config
+    from cachefeat.cli import load_checked_config
     from cachefeat.data.loading import resolve_input
 
     require_positive(args, "events", "batch_size")
@@ -55,7 +55,7 @@ def run(args) -> int:
         raise UserError(f"--device {device!r} is not a torch device ({exc})") from exc
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
-    config = load_config(args.config, args.set, require=("data", "model", "head"))
+    config = load_checked_config(args.config, args.set, require=("data", "model", "head"))
     source = resolve_input(config, args.input, args.split)
     report = verify_cache(config, args.cache, args.checkpoint, source, events=args.events, seed=args.seed,
                           batch_size=args.batch_size, device=device)

@@ -68,6 +68,9 @@ class EventFile:
         except UserError:
             self.close()
             raise
+        except OSError as exc:  # truncated or damaged: h5py's message says which
+            self.close()
+            raise UserError(f"{self.path} is not a readable HDF5 file ({str(exc).splitlines()[0]})") from exc
 
     def _load(self, f: h5py.File) -> None:
         """Validate the schema and fields; read the offsets and attributes."""

@@ -5,8 +5,29 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cachefeat.config import at_least, section
 from cachefeat.data.datamodule import DataModuleEvents, DataSplit
 from cachefeat.errors import UserError
+
+# The `data` section. hit_fields / particle_fields (required): the names the backbone and the head
+# read; max_hits: events with more hits are cut to the first max_hits (null: none cut); module: a
+# hepattn data module block (class_path/init_args); seed and particle_sources: see DataModuleEvents.
+DATA_DEFAULTS = {"hit_fields": None, "particle_fields": None, "max_hits": None, "seed": 0, "module": None,
+                 "particle_sources": None}
+DATA_ALLOWED = {"max_hits": at_least(1, integer=True, none=True), "seed": at_least(0, integer=True)}
+
+
+def data_settings(config: dict) -> dict:
+    """The `data` section merged over DATA_DEFAULTS; the field lists must be non-empty lists of names."""
+    data = section(config, "data", DATA_DEFAULTS, DATA_ALLOWED)
+    for key in ("hit_fields", "particle_fields"):
+        names = data[key]
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            raise UserError(f"config needs data.{key}, a non-empty list of field names, not {names!r}")
+    for key in ("module", "particle_sources"):
+        if data[key] is not None and not isinstance(data[key], dict):
+            raise UserError(f"data.{key} must be a mapping, not {data[key]!r}")
+    return data
 
 
 def has_datamodule(config: dict) -> bool:
@@ -33,16 +54,13 @@ def open_events(config: dict, source):
     """An `EventFile` (for a path) or a `DataModuleEvents` (for a `DataSplit`) with the config's fields."""
     from cachefeat.data.events import EventFile
 
-    data = config.get("data") or {}
-    for key in ("hit_fields", "particle_fields"):
-        if key not in data:
-            raise UserError(f"config needs data.{key}")
-    fields = (list(data["hit_fields"]), list(data["particle_fields"]), data.get("max_hits"))
+    data = data_settings(config)
+    fields = (list(data["hit_fields"]), list(data["particle_fields"]), data["max_hits"])
     if isinstance(source, DataSplit):
         if not has_datamodule(config):
             raise UserError(f"{source} needs a config with a data module (data.module)")
-        return DataModuleEvents(data["module"], source.name, *fields, seed=int(data.get("seed", 0)),
-                                particle_sources=data.get("particle_sources"))
+        return DataModuleEvents(data["module"], source.name, *fields, seed=data["seed"],
+                                particle_sources=data["particle_sources"])
     if source is None:
         raise UserError("no events given")
     return EventFile(Path(source), *fields)

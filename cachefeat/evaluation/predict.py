@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 import torch
 
-from cachefeat.config import section
+from cachefeat.config import Allowed, section
 from cachefeat.errors import UserError
 from cachefeat.evaluation.metrics import regression_metrics
 from cachefeat.evaluation.trackfit import fit_helices
@@ -42,6 +42,7 @@ COLUMNS = {
     **{f"{kind}_{f}": "float64" for kind in ("head", "true", "fit") for f in TRACK_FIELDS},
 }
 EVALUATE_DEFAULTS = {"bz": None, "fit": True}  # fit: false for data without solenoid hit coordinates
+EVALUATE_ALLOWED = {"bz": Allowed(none=True)}  # the field in tesla; its sign is the field's direction
 
 
 def load_head(path, device="cpu"):
@@ -165,7 +166,7 @@ def read_predictions(path) -> tuple[dict[str, np.ndarray], dict]:
 def resolve_bz(config: dict, bz: float | None) -> float:
     """The field (T): `bz` when given, else the config's `evaluate.bz`."""
     if bz is None:
-        bz = section(config, "evaluate", EVALUATE_DEFAULTS)["bz"]
+        bz = section(config, "evaluate", EVALUATE_DEFAULTS, EVALUATE_ALLOWED)["bz"]
     if bz is None:
         raise UserError("the helix fit needs the solenoid field: pass --bz TESLA or set evaluate.bz in the config")
     if not isinstance(bz, (int, float)) or not math.isfinite(bz) or bz == 0:
@@ -248,7 +249,7 @@ def evaluate(config: dict, head_ckpt, output, *, source: str = "cache", cache=No
         raise UserError(f"source must be 'cache' or 'live', not {source!r}")
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}")
-    fit = section(config, "evaluate", EVALUATE_DEFAULTS)["fit"]
+    fit = section(config, "evaluate", EVALUATE_DEFAULTS, EVALUATE_ALLOWED)["fit"]
     bz = resolve_bz(config, bz) if fit else None
     try:
         device = torch.device(device)

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cachefeat.config import did_you_mean
+from cachefeat.config import DROPOUT, POSITIVE_INT, PROBABILITY, at_least, check_allowed, did_you_mean, one_of
 from cachefeat.errors import UserError
 from cachefeat.head.inputs import HeadBatch
 
@@ -381,6 +381,18 @@ class RegressionHead(nn.Module):
             raw fields phi and eta, and y with x, v with u, r with z; standardised targets only).
     """
 
+    ALLOWED = {
+        "dim": POSITIVE_INT,
+        "hidden_dim": at_least(1, integer=True, none=True),
+        "num_layers": POSITIVE_INT,
+        "dropout": DROPOUT,
+        "assignment_threshold": PROBABILITY,
+        "impl": one_of(*IMPLS),
+        "hit_net": one_of(*HIT_NETS),
+        "targets": one_of(*TARGET_MODES),
+        "frame": one_of(*FRAMES),
+    }
+
     def __init__(
         self,
         raw_fields: list[str],
@@ -404,21 +416,12 @@ class RegressionHead(nn.Module):
         raw_fields, particle_fields = list(raw_fields), list(particle_fields)
         target_fields, inverse_fields, periodic_fields = map(list, (target_fields, inverse_fields, periodic_fields))
         raw_scale = dict(raw_scale or {})
-        if impl not in IMPLS:
-            raise UserError(f"head impl must be one of {IMPLS}, not {impl!r}")
-        if hit_net not in HIT_NETS:
-            raise UserError(f"head hit_net must be one of {tuple(HIT_NETS)}, not {hit_net!r}")
-        if targets not in TARGET_MODES:
-            raise UserError(f"head targets must be one of {TARGET_MODES}, not {targets!r}")
-        if frame not in FRAMES:
-            raise UserError(f"head frame must be one of {FRAMES}, not {frame!r}")
+        check_allowed("head", dict(dim=dim, hidden_dim=hidden_dim, num_layers=num_layers, dropout=dropout,
+                                   assignment_threshold=assignment_threshold, impl=impl, hit_net=hit_net,
+                                   targets=targets, frame=frame), self.ALLOWED)
         if frame != "none" and targets != "standardised":
             raise UserError(f"head frame {frame!r} regresses phi and eta relative to the frame: it needs "
                             "targets: standardised")
-        if not 0.0 < assignment_threshold < 1.0:
-            raise UserError(f"assignment_threshold must be in (0, 1), not {assignment_threshold}")
-        if num_layers < 1:
-            raise UserError(f"head num_layers must be >= 1, not {num_layers}")
         if hidden_dim is None:
             hidden_dim = 9 * dim // 2
         if not target_fields:

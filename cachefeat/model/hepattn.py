@@ -30,7 +30,7 @@ import importlib.util
 import torch
 from torch import Tensor, nn
 
-from cachefeat.config import did_you_mean, section
+from cachefeat.config import did_you_mean, one_of, section
 from cachefeat.errors import UserError
 from cachefeat.model.tasks import PAD_LOGIT
 
@@ -47,6 +47,7 @@ DEFAULTS = {
     "target_object": "particle",
 }
 ATTN_TYPES = ("auto", "torch", "flash", "flash-varlen", "flex")
+ALLOWED = {"attn_type": one_of(*ATTN_TYPES)}
 
 
 def is_hepattn_block(block) -> bool:
@@ -64,11 +65,7 @@ def require_hepattn():
 
 def settings(config: dict) -> dict:
     """The `hepattn` section merged over `DEFAULTS` (unknown keys refused)."""
-    opts = section(config, "hepattn", DEFAULTS)
-    if opts["attn_type"] not in ATTN_TYPES:
-        raise UserError(f"hepattn.attn_type must be one of {', '.join(ATTN_TYPES)}, not {opts['attn_type']!r}"
-                        f"{did_you_mean(str(opts['attn_type']), ATTN_TYPES)}")
-    return opts
+    return section(config, "hepattn", DEFAULTS, ALLOWED)
 
 
 def resolve_attn_type(attn_type: str) -> str:
@@ -110,8 +107,9 @@ def build_maskformer(block: dict) -> nn.Module:
     try:
         return parser.instantiate_classes(parser.parse_object({"model": block})).model
     except Exception as exc:  # jsonargparse reports bad trees as several exception types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot build the hepattn model of config 'model': {first}") from exc
+        # jsonargparse's message nests the failing key over several lines: keep it all, on one line.
+        what = " ".join(str(exc).split())[:500] or type(exc).__name__
+        raise UserError(f"cannot build the hepattn model of config 'model': {what}") from exc
 
 
 class HepattnBackbone(nn.Module):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from cachefeat.config import did_you_mean
+from cachefeat.config import DROPOUT, POSITIVE_INT, at_least, between, check_allowed, did_you_mean, one_of
 from cachefeat.errors import UserError
 from cachefeat.model.layers import DecoderLayer, Encoder, InputNet
 from cachefeat.model.matcher import match_batch
@@ -44,6 +44,19 @@ class MaskFormer(nn.Module):
         loss_weights, cost_weights: weights of the terms "valid", "mask_bce", "mask_dice" (default 1).
     """
 
+    ALLOWED = {
+        "dim": POSITIVE_INT,
+        "num_queries": POSITIVE_INT,
+        "num_encoder_layers": at_least(0, integer=True),
+        "num_decoder_layers": POSITIVE_INT,
+        "num_heads": POSITIVE_INT,
+        "mlp_ratio": POSITIVE_INT,
+        "dropout": DROPOUT,
+        "encoder_attention": one_of("full", "window"),
+        "window_size": POSITIVE_INT,
+        "mask_attention_threshold": between(0.0, 1.0),
+    }
+
     def __init__(
         self,
         hit_fields: list[str],
@@ -64,14 +77,12 @@ class MaskFormer(nn.Module):
         super().__init__()
         if not hit_fields:
             raise UserError("MaskFormer needs at least one hit field")
+        check_allowed("model", dict(dim=dim, num_queries=num_queries, num_encoder_layers=num_encoder_layers,
+                                    num_decoder_layers=num_decoder_layers, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                                    dropout=dropout, encoder_attention=encoder_attention, window_size=window_size,
+                                    mask_attention_threshold=mask_attention_threshold), self.ALLOWED)
         if dim % num_heads:
             raise UserError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
-        if encoder_attention not in ("full", "window"):
-            raise UserError(f"encoder_attention must be 'full' or 'window', not '{encoder_attention}'")
-        if num_decoder_layers < 1:
-            raise UserError("MaskFormer needs at least one decoder layer")
-        if window_size < 1:
-            raise UserError(f"window_size must be positive, not {window_size}")
         scales = dict(input_scales or {})
         allowed = set(hit_fields) | {"r", "eta"}
         for key in scales:

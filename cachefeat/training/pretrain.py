@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from cachefeat.config import instantiate, section
+from cachefeat.config import POSITIVE_INT, above, at_least, instantiate, one_of, section
 from cachefeat.data.events import EventFile, bucketed_batches
 from cachefeat.errors import UserError
 from cachefeat.evaluation.metrics import regression_metrics
@@ -25,6 +25,7 @@ from cachefeat.model.hepattn import is_hepattn_block
 from cachefeat.model.layers import count_parameters
 from cachefeat.model.metrics import event_metrics, summarize
 from cachefeat.training.accel import (
+    MIXED_PRECISION,
     MetricsLog,
     TrainState,
     adamw,
@@ -47,6 +48,16 @@ DEFAULTS = {
     "joint": False,
     "head_loss_weight": 1.0,
     "init": None,
+}
+ALLOWED = {
+    "epochs": POSITIVE_INT,
+    "batch_size": POSITIVE_INT,
+    "lr": above(0.0),
+    "weight_decay": at_least(0.0),
+    "grad_clip": at_least(0.0),  # 0: no clipping
+    "mixed_precision": one_of(*MIXED_PRECISION),
+    "seed": at_least(0, integer=True),
+    "head_loss_weight": at_least(0.0),
 }
 
 
@@ -216,7 +227,7 @@ def pretrain(config: dict, train_path, val_path, run_dir, *, epochs: int | None 
     if is_hepattn_block(config.get("model")):
         raise UserError("cachefeat pretrain trains cachefeat's own MaskFormer; train a hepattn stage 1 with "
                         "hepattn's run_tracking.py and give its checkpoint to `cachefeat extract`")
-    settings = section(config, "pretrain", DEFAULTS)
+    settings = section(config, "pretrain", DEFAULTS, ALLOWED)
     for key, value in {"epochs": epochs, "batch_size": batch_size, "joint": joint, "seed": seed,
                        "init": init}.items():
         if value is not None:

@@ -58,7 +58,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from cachefeat.config import did_you_mean, section
+from cachefeat.config import did_you_mean, one_of, section
 from cachefeat.errors import UserError
 from cachefeat.head.inputs import HeadBatch
 from cachefeat.head.regression import FRAMES, PairWeights, pair_weights
@@ -77,6 +77,7 @@ SWEEP_KEYS = {
     "train.seed": (int, lambda v: v >= 0, ">= 0"),
 }
 SWEEP_DEFAULTS = {"metric": "val_loss", "mode": "min", "grid": {}, "variants": []}
+SWEEP_ALLOWED = {"mode": one_of("min", "max")}
 _NAME = re.compile(r"^[A-Za-z0-9_.=+-]+$")
 
 
@@ -98,9 +99,7 @@ class Variant:
 
 def sweep_settings(config: dict) -> dict:
     """The config's `sweep` block merged over SWEEP_DEFAULTS (unknown keys refused)."""
-    settings = section(config, "sweep", SWEEP_DEFAULTS)
-    if settings["mode"] not in ("min", "max"):
-        raise UserError(f"sweep.mode must be min or max, not {settings['mode']!r}")
+    settings = section(config, "sweep", SWEEP_DEFAULTS, SWEEP_ALLOWED)
     if not isinstance(settings["metric"], str) or not settings["metric"].startswith("val_"):
         raise UserError(f"sweep.metric must name a validation metric such as val_loss, not {settings['metric']!r}")
     return settings
@@ -233,6 +232,7 @@ def sweep(config: dict, run_dir, *, cache, val_cache, max_epochs: int | None = N
     from cachefeat.training.accel import make_accelerator
     from cachefeat.training.sources import CacheMemorySource, CacheStreamSource, cache_fits_memory
     from cachefeat.training.train import (
+        ALLOWED,
         DEFAULTS,
         SCALING_EVENTS,
         check_cache,
@@ -243,7 +243,7 @@ def sweep(config: dict, run_dir, *, cache, val_cache, max_epochs: int | None = N
     started = time.perf_counter()
     sweep_conf = sweep_settings(config)
     variants = sweep_variants(config)
-    settings = section(config, "train", DEFAULTS)
+    settings = section(config, "train", DEFAULTS, ALLOWED)
     for key, value in {"epochs": max_epochs, "batch_size": batch_size}.items():
         if value is not None:
             settings[key] = value
@@ -365,9 +365,9 @@ def _sweep_epochs(runs: list[_Run], source, settings: dict, steps_per_epoch: int
 def _build_run(variant: Variant, reader, first: HeadBatch, total_steps: int, accelerator, run_dir: Path) -> _Run:
     """A variant's head, optimizer and schedule, built and prepared exactly as `train(...)` does."""
     from cachefeat.training.accel import adamw
-    from cachefeat.training.train import DEFAULTS, build_head
+    from cachefeat.training.train import ALLOWED, DEFAULTS, build_head
 
-    own = section(variant.config, "train", DEFAULTS)
+    own = section(variant.config, "train", DEFAULTS, ALLOWED)
     head = build_head(variant.config, list(reader.raw_fields), list(reader.particle_fields), seed=own["seed"])
     if head.impl != "sparse":
         raise UserError("sweep trains the sparse head: set head.init_args.impl to sparse")

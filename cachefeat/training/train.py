@@ -17,13 +17,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cachefeat.config import instantiate, section, stable_hash
+from cachefeat.config import POSITIVE_INT, above, at_least, instantiate, one_of, section, stable_hash
 from cachefeat.errors import UserError
 from cachefeat.evaluation.metrics import regression_metrics
 from cachefeat.head.inputs import concat
 from cachefeat.model.layers import count_parameters
 from cachefeat.model.metrics import summarize
 from cachefeat.training.accel import (
+    MIXED_PRECISION,
     MetricsLog,
     TrainState,
     adamw,
@@ -52,6 +53,18 @@ DEFAULTS = {
     "seed": 1,
     "memory_budget_mb": 4096,
     "checkpoint_every_epochs": 1,
+}
+ALLOWED = {
+    "epochs": POSITIVE_INT,
+    "batch_size": POSITIVE_INT,
+    "lr": above(0.0),
+    "weight_decay": at_least(0.0),
+    "grad_clip": at_least(0.0),  # 0: no clipping
+    "gradient_accumulation_steps": POSITIVE_INT,
+    "mixed_precision": one_of(*MIXED_PRECISION),
+    "seed": at_least(0, integer=True),
+    "memory_budget_mb": at_least(0.0),
+    "checkpoint_every_epochs": POSITIVE_INT,
 }
 # Target scaling (mean/std) is fitted on the matched targets of the first SCALING_EVENTS training
 # events, in both cache and live mode: cache event i is input event i, so both get the same numbers.
@@ -161,7 +174,7 @@ def train(config: dict, run_dir, *, source: str = "cache", cache=None, val_cache
     """
     from cachefeat.model.checkpoint import load_checkpoint
 
-    settings = section(config, "train", DEFAULTS)
+    settings = section(config, "train", DEFAULTS, ALLOWED)
     for key, value in {"epochs": max_epochs, "batch_size": batch_size, "seed": seed}.items():
         if value is not None:
             settings[key] = value

@@ -50,9 +50,10 @@ def test_attention_empty_row_is_zero_and_full_row_equals_unmasked():
 
 
 def test_empty_query_mask_attends_to_all_valid_hits(make_batch, hit_fields):
-    """Threshold 2 empties every mask (fallback: all valid hits); threshold 0 selects all valid hits."""
+    """Threshold 1 empties every mask (a fresh model's mask probabilities are all below 1; fallback:
+    all valid hits); threshold 0 selects all valid hits."""
     batch = make_batch(seed=3)
-    fallback = _model(hit_fields, mask_attention_threshold=2.0)
+    fallback = _model(hit_fields, mask_attention_threshold=1.0)
     unmasked = _model(hit_fields, mask_attention_threshold=0.0)
     masked = _model(hit_fields, mask_attention_threshold=0.5)
     valid = batch["hit_valid"]
