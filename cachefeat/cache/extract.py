@@ -121,20 +121,113 @@ def gather_events(hb: HeadBatch, order: torch.Tensor) -> HeadBatch:
     )
 
 
-def extract_block(backbone, events, start: int, stop: int, opts: dict) -> tuple[HeadBatch, dict[str, np.ndarray]]:
-    """Forward events [start, stop) in bucketed batches; return their HeadBatch (CPU) and counts, in file order."""
-    batches, parts, counts = [], [], []
-    for local, batch in events.block_batches(start, stop, opts["batch_size"]):
-        hb, metrics = backbone.head_batch(
-            batch, opts["floor"], keep_hits=opts["keep_hits"], keep_queries=opts["keep_queries"]
-        )
-        batches.append(local)
-        parts.append(hb.to("cpu"))
-        counts.append(metrics)
-    inverse = torch.from_numpy(np.argsort(np.concatenate(batches), kind="stable"))
-    hb = gather_events(concat(parts), inverse)
+def assemble_block(parts: list[tuple[np.ndarray, HeadBatch, dict]]) -> tuple[HeadBatch, dict[str, np.ndarray]]:
+    """One block's HeadBatch and counts in file order, from its batches' (event indices relative to
+    the block start, HeadBatch on the CPU, counts) in the order they ran."""
+    inverse = torch.from_numpy(np.argsort(np.concatenate([local for local, _, _ in parts]), kind="stable"))
+    hb = gather_events(concat([hb for _, hb, _ in parts]), inverse)
+    counts = [m for _, _, m in parts]
     metrics = {k: np.concatenate([m[k] for m in counts])[inverse.numpy()] for k in counts[0]}
     return hb, metrics
+
+
+PIPELINE_DEPTH = 2  # batches read ahead, and batches whose forward is done but not yet sparsified
+
+
+def extract_blocks(backbone, events, blocks, block_range, opts: dict, on_block, depth: int = PIPELINE_DEPTH) -> None:
+    """Extract each of `blocks` in order and call `on_block(block, HeadBatch on the CPU, counts)`.
+
+    Three stages run overlapped: a thread reads and pads the next batches (`block_batches`; during
+    extraction it is the only user of torch's global RNG, which a data module's events may draw
+    from), this thread runs the frozen forward, and a second thread matches and sparsifies each
+    batch (`FrozenBackbone.sparsify`), assembles each block (`assemble_block`) and calls
+    `on_block` there; its single worker keeps the matcher's calls and the blocks in order. At most
+    `depth` batches wait between two stages, so memory stays bounded. The results are those of
+    running the stages one after another: the same operations on the same tensors, in order.
+    An error in any stage is raised here.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    def batches():  # (block, local indices, padded batch, whether it is the block's last batch)
+        held = None
+        for block in blocks:
+            start, stop = block_range(block)
+            for local, batch in events.block_batches(start, stop, opts["batch_size"]):
+                if held is not None:
+                    yield *held, held[0] != block
+                held = (block, local, batch)
+        if held is not None:
+            yield *held, True
+
+    parts: list = []
+
+    def sparsify(block: int, local: np.ndarray, batch: dict, outputs: dict, last: bool) -> None:
+        hb, metrics = backbone.sparsify(outputs, batch, opts["floor"], keep_hits=opts["keep_hits"],
+                                        keep_queries=opts["keep_queries"])
+        parts.append((local, hb.to("cpu"), metrics))
+        if last:
+            on_block(block, *assemble_block(parts))
+            parts.clear()
+
+    pending: list = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cachefeat-sparsify") as post:
+        try:
+            for block, local, batch, last in read_ahead(batches(), depth):
+                batch = backbone.to_device(batch)
+                pending.append(post.submit(sparsify, block, local, batch, backbone.forward(batch), last))
+                while len(pending) > depth or (pending and pending[0].done()):
+                    pending.pop(0).result()
+            while pending:
+                pending.pop(0).result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def read_ahead(iterable, depth: int):
+    """Iterate `iterable` in a background thread, at most `depth` items ahead of the consumer.
+
+    An exception in the thread is raised here, at the item where it happened; closing the
+    generator early stops the thread.
+    """
+    import queue
+    import threading
+
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run():
+        try:
+            for item in iterable:
+                if not put((item, None)):
+                    return
+            put((end, None))
+        except BaseException as exc:  # handed to the consumer
+            put((end, exc))
+
+    thread = threading.Thread(target=run, name="cachefeat-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = items.get()
+            if error is not None:
+                raise error
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _disk_full(exc: BaseException) -> bool:
@@ -251,9 +344,8 @@ def extract(
     bar = _progress_bar(total, state.num_processes, enabled=progress and state.is_main_process)
     error = None
     try:
-        for block in pending:
+        def write(block: int, hb: HeadBatch, metrics: dict) -> None:
             start, stop = writer.block_range(block)
-            hb, metrics = extract_block(backbone, events, start, stop, opts)
             writer.write_block(block, hb, metrics)
             stats["events"] += stop - start
             stats["valid_hits"] += int(metrics["n_valid_hits"].sum())
@@ -262,6 +354,8 @@ def extract(
             stats["pairs"] += hb.pair_logit.numel()
             stats["blocks_written"] += 1
             _update_bar(bar, stop - start, stats, writer, started)
+
+        extract_blocks(backbone, events, pending, writer.block_range, opts, write)
         writer.close()
     except Exception as exc:  # recorded, so every rank reaches the collective below
         error = exc

@@ -79,13 +79,14 @@ class FrozenBackbone:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _to_device(self, batch: dict) -> dict:
+    def to_device(self, batch: dict) -> dict:
+        """A padded batch's tensors on `self.device` (those already there are not copied)."""
         return {k: torch.as_tensor(v).to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def forward(self, batch: dict) -> dict:
         """The model's padded outputs (`hit_embed` [B, M, D], `query_embed` [B, N, D], `track_valid` [B, N],
         `track_hit_logit` [B, N, M], `layers`) for a padded batch, on `self.device`."""
-        batch = self._to_device(batch)
+        batch = self.to_device(batch)
         with torch.inference_mode(), self._autocast():
             return self.model(batch)
 
@@ -104,12 +105,18 @@ class FrozenBackbone:
             dtype, float32 unless bf16) and per-event int64 [B] counts: the model's
             `event_metrics` plus `n_valid_hits`.
         """
+        batch = self.to_device(batch)
+        return self.sparsify(self.forward(batch), batch, floor, keep_hits=keep_hits, keep_queries=keep_queries)
+
+    def sparsify(
+        self, outputs: dict, batch: dict, floor: float, keep_hits: str = "assigned", keep_queries: str = "all"
+    ) -> tuple[HeadBatch, dict[str, np.ndarray]]:
+        """The second half of `head_batch`: match, count and sparsify the `forward` outputs of `batch`
+        (already on the device). Reads the model's matcher only, never its forward state, so it may
+        run in another thread while the next batch's forward runs."""
         from cachefeat.model.metrics import event_metrics
 
-        batch = self._to_device(batch)
         with torch.inference_mode():
-            with self._autocast():
-                outputs = self.model(batch)
             target_index = self.model.match(outputs, batch)
             metrics = event_metrics(outputs, batch, target_index)
             metrics["n_valid_hits"] = batch["hit_valid"].sum(1).cpu().numpy().astype(np.int64)
