@@ -287,6 +287,27 @@ def instantiate(block: dict, where: str, **extra: Any):
         raise UserError(f"cannot build '{where}' ({block['class_path']}): {exc}") from exc
 
 
+HEPATTN_HINT = ("install its runtime packages with `pip install 'cachefeat[hepattn]'` and put hepattn's src "
+                "folder on PYTHONPATH (e.g. PYTHONPATH=path/to/hepattn/src)")
+
+
+def build_tree(block: dict, base: type, where: str):
+    """Build a nested `class_path`/`init_args` tree as LightningCLI builds it (jsonargparse), as an
+    instance of `base` (e.g. `nn.Module`, `LightningDataModule`). A bad tree is one UserError that
+    keeps jsonargparse's whole message (it names the failing key) on one line."""
+    try:
+        from jsonargparse import ArgumentParser
+    except ImportError as exc:
+        raise UserError(f"building config '{where}' needs jsonargparse: {HEPATTN_HINT}") from exc
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--tree", type=base)
+    try:
+        return parser.instantiate_classes(parser.parse_object({"tree": block})).tree
+    except Exception as exc:  # jsonargparse reports bad trees as several exception types
+        what = " ".join(str(exc).split())[:500] or type(exc).__name__
+        raise UserError(f"cannot build config '{where}' ({block.get('class_path', '?')}): {what}") from exc
+
+
 def stable_hash(obj: Any) -> str:
     """sha256 of a JSON-serialisable object with sorted keys (config hashing for fingerprints)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()

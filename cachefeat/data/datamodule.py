@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cachefeat.config import did_you_mean
+from cachefeat.config import HEPATTN_HINT, build_tree, did_you_mean
 from cachefeat.errors import UserError
 
 SPLITS = {"train": ("fit", "train_dataset"), "val": ("validate", "val_dataset"), "test": ("test", "test_dataset")}
@@ -44,19 +44,10 @@ class DataSplit:
 def build_datamodule(block: dict):
     """The data module of a `class_path`/`init_args` block, built as LightningCLI builds it."""
     try:
-        from jsonargparse import ArgumentParser
         from lightning.pytorch import LightningDataModule
     except ImportError as exc:
-        from cachefeat.model.hepattn import INSTALL_HINT
-
-        raise UserError(f"a data module needs jsonargparse and lightning ({exc}): {INSTALL_HINT}") from exc
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_argument("--module", type=LightningDataModule)
-    try:
-        return parser.instantiate_classes(parser.parse_object({"module": block})).module
-    except Exception as exc:  # jsonargparse reports bad trees as several exception types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot build the data module of config 'data.module': {first}") from exc
+        raise UserError(f"a data module needs lightning ({exc}): {HEPATTN_HINT}") from exc
+    return build_tree(block, LightningDataModule, "data.module")
 
 
 class DataModuleEvents:

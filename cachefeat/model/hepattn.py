@@ -30,12 +30,9 @@ import importlib.util
 import torch
 from torch import Tensor, nn
 
-from cachefeat.config import did_you_mean, one_of, section
+from cachefeat.config import HEPATTN_HINT, build_tree, did_you_mean, one_of, section
 from cachefeat.errors import UserError
 from cachefeat.model.tasks import PAD_LOGIT
-
-INSTALL_HINT = ("install its runtime packages with `pip install 'cachefeat[hepattn]'` and put hepattn's src "
-                "folder on PYTHONPATH (e.g. PYTHONPATH=path/to/hepattn/src)")
 
 DEFAULTS = {
     "attn_type": "auto",  # "auto": the config's backend on a GPU with flash-attn, else "torch"
@@ -60,7 +57,7 @@ def require_hepattn():
     try:
         return importlib.import_module("hepattn.models")
     except ImportError as exc:
-        raise UserError(f"this config needs hepattn, which cannot be imported ({exc}): {INSTALL_HINT}") from exc
+        raise UserError(f"this config needs hepattn, which cannot be imported ({exc}): {HEPATTN_HINT}") from exc
 
 
 def settings(config: dict) -> dict:
@@ -98,18 +95,7 @@ def effective_block(block: dict, attn_type: str) -> dict:
 def build_maskformer(block: dict) -> nn.Module:
     """Build a hepattn model from its `class_path`/`init_args` tree, as LightningCLI does (jsonargparse)."""
     require_hepattn()
-    try:
-        from jsonargparse import ArgumentParser
-    except ImportError as exc:
-        raise UserError(f"building a hepattn model needs jsonargparse: {INSTALL_HINT}") from exc
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_argument("--model", type=nn.Module)
-    try:
-        return parser.instantiate_classes(parser.parse_object({"model": block})).model
-    except Exception as exc:  # jsonargparse reports bad trees as several exception types
-        # jsonargparse's message nests the failing key over several lines: keep it all, on one line.
-        what = " ".join(str(exc).split())[:500] or type(exc).__name__
-        raise UserError(f"cannot build the hepattn model of config 'model': {what}") from exc
+    return build_tree(block, nn.Module, "model")
 
 
 class HepattnBackbone(nn.Module):
