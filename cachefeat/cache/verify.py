@@ -221,8 +221,8 @@ def verify_cache(config: dict, cache, checkpoint, input, *, events: int = 64, se
         fingerprint does not match the checkpoint, the config or the input.
     """
     from cachefeat.cache.extract import EXTRACT_DEFAULTS
-    from cachefeat.cache.fingerprint import fingerprint_diff, make_fingerprint
-    from cachefeat.cache.frozen import FrozenBackbone, backbone_fingerprint_inputs
+    from cachefeat.cache.fingerprint import check_cache, library_versions, version_changes
+    from cachefeat.cache.frozen import FrozenBackbone
     from cachefeat.cache.reader import CacheReader
     from cachefeat.config import section
     from cachefeat.data.loading import open_events
@@ -245,15 +245,10 @@ def verify_cache(config: dict, cache, checkpoint, input, *, events: int = 64, se
     precision = settings.get("precision", "fp32")
     backbone = FrozenBackbone(config, checkpoint, device=device, precision=precision)
     with open_events(config, input) as event_file:
-        expected = make_fingerprint(
-            checkpoint_sha256=backbone.checkpoint_sha256,
-            backbone_config=backbone_fingerprint_inputs(config),
-            input_hash=event_file.content_hash(),
-            settings=fingerprint.get("settings") or {},
-        )
-        stale, warnings = fingerprint_diff(fingerprint, expected)
-        if stale:
-            raise UserError(f"cache {cache} was not extracted from these inputs: {'; '.join(stale)}")
+        check_cache(reader, config, checkpoint_sha256=backbone.checkpoint_sha256,
+                    input_hash=event_file.content_hash(), what="cache",
+                    hint="pass the config, checkpoint and input it was extracted from, or re-extract it")
+        warnings = version_changes(fingerprint.get("versions"), library_versions())
         for line in warnings:
             log.warning("cache %s was extracted with another library version: %s", cache, line)
 
