@@ -107,6 +107,10 @@ DATA_ARRAYS = (
     ArraySpec("pairs/hit", "P", None, "int32", "pair_hit"),
     ArraySpec("pairs/logit", "P", None, "float32", "pair_logit"),
 )
+# The `HeadBatch` fields of each row kind ("H" hits, "Q" queries, "P" pairs), in DATA_ARRAYS order.
+ROW_FIELDS = {rows: tuple(spec.field for spec in DATA_ARRAYS if spec.rows == rows) for rows in ("H", "Q", "P")}
+# Pair fields that hold a row of another kind: event-local in the cache, batch-global in a HeadBatch.
+PAIR_ROWS = {"pair_query": "Q", "pair_hit": "H"}
 OFFSET_ARRAYS = {"H": "events/hit_offsets", "Q": "events/query_offsets", "P": "events/pair_offsets"}
 EVENT_ID = "events/event_id"
 COUNT_NAMES = {"H": "hits", "Q": "queries", "P": "pairs"}

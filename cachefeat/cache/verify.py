@@ -148,7 +148,7 @@ def sample_events(num_events: int, events: int, seed: int) -> np.ndarray:
 def read_sample(reader, indices: np.ndarray) -> HeadBatch:
     """The cached events `indices`, in that order: contiguous runs read from disk, then gathered
     by `ResidentCache.batch` (the training path's gather)."""
-    from cachefeat.cache.reader import ResidentCache
+    from cachefeat.cache.resident import ResidentCache
 
     order = np.sort(indices)
     runs = np.split(order, np.flatnonzero(np.diff(order) != 1) + 1)

@@ -120,7 +120,7 @@ def _speed(config, work: Path, train_cache: Path, val_cache: Path, checkpoint, e
 
 
 def run(args) -> int:
-    from cachefeat.cache.reader import CacheReader, cache_summary
+    from cachefeat.cache import CacheReader, cache_summary
     from cachefeat.config import load_config
     from cachefeat.evaluation.predict import evaluate
     from cachefeat.model.checkpoint import load_checkpoint

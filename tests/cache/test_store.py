@@ -266,31 +266,6 @@ def _event_index(batch: HeadBatch) -> list[int]:
     return [(int(i) - 1000) // 7 for i in batch.event_id]
 
 
-def test_epoch_batches_partition_equal_counts_and_determinism(caches, events):
-    resident = CacheReader(caches()).load()
-    for drop_last in (True, False):
-        per_rank = [
-            list(resident.epoch_batches(4, seed=3, epoch=1, rank=r, world=2, drop_last=drop_last))
-            for r in range(2)
-        ]
-        assert len(per_rank[0]) == len(per_rank[1]) == (2 if drop_last else 3)
-        seen = []
-        for batches in per_rank:
-            for batch in batches:
-                ids = _event_index(batch)
-                assert_batches_equal(batch, reference_batch([events[i] for i in ids]))
-                seen += ids
-        assert len(seen) == len(set(seen)) == (16 if drop_last else E)
-
-    def order(epoch):
-        return [i for b in resident.epoch_batches(4, seed=3, epoch=epoch) for i in _event_index(b)]
-
-    assert order(1) == order(1)
-    assert order(1) != order(2)
-    perm = np.random.default_rng((3, 1)).permutation(E)
-    assert order(1) == perm[:20].tolist()
-
-
 @pytest.mark.parametrize("kind", ["local", "memory"])
 def test_stream_partition_equal_counts_and_determinism(caches, events, kind):
     reader = CacheReader(caches(kind))
