@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cachefeat.cache import schema
+from cachefeat.cache.writer import MODES
 from cachefeat.config import section
 from cachefeat.errors import UserError
 from cachefeat.head.inputs import HeadBatch, concat
@@ -34,12 +36,11 @@ EXTRACT_DEFAULTS = {
     "precision": "fp32",
 }
 CHOICES = {
-    "dtype": ("float32", "float16", "bfloat16"),
-    "keep_hits": ("assigned", "all"),
-    "keep_queries": ("all", "matched"),
-    "precision": ("fp32", "bf16"),
+    "dtype": schema.EMBED_DTYPES,
+    "keep_hits": schema.KEEP_HITS,
+    "keep_queries": schema.KEEP_QUERIES,
+    "precision": schema.PRECISIONS,
 }
-MODES = ("create", "resume", "overwrite")
 
 
 def default_floor(config: dict) -> float:

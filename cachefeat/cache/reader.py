@@ -76,7 +76,7 @@ class CacheReader:
         if check_files:
             self._check(content=False)
 
-        index = self._read_index(["hit_counts", "query_counts", "pair_counts", "event_id"])
+        index = self._read_index([*schema.COUNT_INDEX.values(), schema.EVENT_ID_INDEX])
         self.hit_counts, self.query_counts, self.pair_counts, self.event_id = index
         self._offsets = {
             sym: np.concatenate([[0], np.cumsum(c)]).astype(np.int64)
@@ -176,10 +176,8 @@ class CacheReader:
             else:
                 shape = (0,) if spec.cols is None else (0, self._cols[spec.cols])
                 values = np.zeros(shape, schema.storage_dtype(spec, self.embed_dtype))
-            if spec.field == "pair_query":
-                values = values.astype(np.int64) + offsets["Q"][pair_event]
-            elif spec.field == "pair_hit":
-                values = values.astype(np.int64) + offsets["H"][pair_event]
+            if spec.field in schema.PAIR_ROWS:  # event-local rows -> batch-global
+                values = values.astype(np.int64) + offsets[schema.PAIR_ROWS[spec.field]][pair_event]
             elif values.dtype.kind in "iu" and spec.dtype != "embed":
                 values = values.astype(np.int64)
             if spec.dtype == "embed" and self.embed_dtype == "bfloat16":
@@ -191,7 +189,7 @@ class CacheReader:
     def metrics(self) -> dict[str, np.ndarray]:
         """Per-event frozen-task counts, int64 [E] by metric name."""
         if self._metrics is None:
-            values = self._read_index([f"metrics/{m}" for m in self.metric_names])
+            values = self._read_index([schema.index_metric(m) for m in self.metric_names])
             self._metrics = dict(zip(self.metric_names, values))
         return {k: v.copy() for k, v in self._metrics.items()}
 
@@ -228,12 +226,9 @@ class CacheReader:
             width = 1 if spec.cols is None else self._cols[spec.cols]
             itemsize = np.dtype(schema.storage_dtype(spec, self.embed_dtype)).itemsize
             decoded[spec.key] = totals[spec.rows] * width * itemsize
-        for key in schema.OFFSET_ARRAYS.values():
-            decoded[key] = 8 * (self.num_events + self.num_blocks)
-        metrics = [f"metrics/{m}" for m in self.metric_names]
-        index = [
-            schema.index_key(n) for n in ["hit_counts", "query_counts", "pair_counts", "event_id", *metrics]
-        ]
-        for key in [schema.EVENT_ID, *(f"events/{m}" for m in metrics), *index]:
-            decoded[key] = 8 * self.num_events
+        index = schema.index_sources(self.metric_names)  # all int64; block offsets have n+1 rows per block
+        for key in index.values():
+            decoded[key] = 8 * (self.num_events + (self.num_blocks if key in schema.OFFSET_ARRAYS.values() else 0))
+        for name in index:
+            decoded[schema.index_key(name)] = 8 * self.num_events
         return {"stored": dict(stored), "decoded": dict(decoded)}

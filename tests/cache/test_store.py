@@ -206,6 +206,21 @@ def caches(tmp_path_factory, events):
 # --- round trips ------------------------------------------------------------------------------
 
 
+def test_schema_names_cover_head_batch():
+    """The schema's row fields are HeadBatch's fields: every field but the event ids and offsets is one
+    stored array, the per-query ones are head.inputs.QUERY_FIELDS, the pair rows point at query and hit rows."""
+    from dataclasses import fields
+
+    from cachefeat.head.inputs import QUERY_FIELDS
+
+    stored = [field for rows in schema.ROW_FIELDS.values() for field in rows]
+    assert sorted(stored) == sorted(f.name for f in fields(HeadBatch) if f.name not in
+                                    ("event_id", "hit_offsets", "query_offsets"))
+    assert schema.ROW_FIELDS["Q"] == QUERY_FIELDS
+    assert set(schema.PAIR_ROWS) <= set(schema.ROW_FIELDS["P"])
+    assert list(schema.index_sources(["m"])) == ["hit_counts", "query_counts", "pair_counts", "event_id", "metrics/m"]
+
+
 @pytest.mark.parametrize(
     "kind, embed_dtype",
     [
