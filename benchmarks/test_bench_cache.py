@@ -11,7 +11,7 @@ import pytest
 
 @pytest.mark.parametrize("dtype", harness.DTYPES)
 def test_cache_size(dtype, bench_data, results):
-    from cachefeat.cache.reader import CacheReader, cache_summary
+    from cachefeat.cache import CacheReader, cache_summary
 
     summary = cache_summary(CacheReader(bench_data.caches[dtype]))
     dense = summary["dense_float32"]["per_event"]

@@ -56,7 +56,7 @@ def test_trackml_extract(benchmark, tml_settings, tml_data, results, tmp_path):
 
 @pytest.mark.parametrize("dtype", harness.DTYPES)
 def test_trackml_cache_size(dtype, tml_data, results):
-    from cachefeat.cache.reader import CacheReader, cache_summary
+    from cachefeat.cache import CacheReader, cache_summary
 
     summary = cache_summary(CacheReader(tml_data.caches[dtype]))
     out = results.setdefault("trackml", {})

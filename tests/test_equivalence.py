@@ -19,22 +19,29 @@ import pytest
 import torch
 
 from cachefeat.cache.frozen import FrozenBackbone
+from cachefeat.cache.tolerance import (
+    EMBED_FIELDS,
+    EXACT_FIELDS,
+    F32,
+    GRAD_ELEMENT_ATOL,
+    HEAD_RTOL,
+    LOGIT_FIELDS,
+    field_tolerances,
+)
 from cachefeat.data.loading import open_events
 from cachefeat.model.checkpoint import load_checkpoint
 from cachefeat.training.train import build_head, train
 
-# float32 features differ between two batch compositions only by summation order (padding
-# changes the shapes the kernels see). Such differences scale with the magnitude of the values
-# summed, not with each element, so the absolute term is relative to the tensor's largest value
-# (measured worst on this CPU: 4.6e-6 of it for hit embeddings up to ~18).
-F32_RTOL = 1e-5
-F32_ATOL = 1e-6
-F32_SCALED_ATOL = 1e-5
+# The tolerances are the table `cachefeat verify` uses (cachefeat/cache/tolerance.py, with the
+# measurements behind them): float32 values that differ by summation order only are compared
+# with rtol 1e-5 + 1e-5 of the reference's largest magnitude.
+TOL = field_tolerances("float32")
 
 
 def assert_close_f32(a, b, msg=""):
-    scale = max(1.0, float(a.detach().abs().max())) if a.numel() else 1.0
-    torch.testing.assert_close(a, b, rtol=F32_RTOL, atol=max(F32_ATOL, F32_SCALED_ATOL * scale), msg=msg)
+    torch.testing.assert_close(a, b, rtol=F32.rtol, atol=F32.atol_for(b), msg=msg)
+
+
 # Training amplifies the features' last-bit differences: Adam normalises each update, so an
 # element whose gradient is near zero can move by a visible fraction of the learning rate on a
 # last-bit difference, and the loss differences grow like a random walk with alternating signs.
@@ -91,7 +98,7 @@ def _grads(head, pred, hb):
     return loss.detach(), {n: p.grad.clone() for n, p in head.named_parameters()}
 
 
-def _assert_grads_close(a: dict, b: dict, rtol=F32_RTOL, atol=F32_ATOL):
+def _assert_grads_close(a: dict, b: dict, rtol=F32.rtol, atol=GRAD_ELEMENT_ATOL):
     for name in a:
         scale = max(1.0, float(a[name].abs().max()))
         torch.testing.assert_close(a[name], b[name], rtol=rtol, atol=atol * scale, msg=name)
@@ -105,13 +112,11 @@ def test_cached_features_equal_live(world, frozen, events):
     floor = world.cache.settings["floor"]
     cached = world.cache.load().batch(RANDOM_BATCH)
     live = _live(frozen, events, RANDOM_BATCH, floor)
-    for name in ("event_id", "hit_offsets", "query_offsets", "query_slot", "target_index", "target_valid",
-                 "pair_query", "pair_hit"):
+    for name in EXACT_FIELDS:
         assert torch.equal(getattr(cached, name).cpu(), getattr(live, name).cpu()), name
-    for name in ("hit_raw", "targets"):
-        assert torch.equal(getattr(cached, name), getattr(live, name)), name
-    for name in ("hit_embed", "query_embed", "query_valid_logit", "pair_logit"):
-        assert_close_f32(getattr(cached, name).float(), getattr(live, name).float(), msg=name)
+    for name in EMBED_FIELDS + LOGIT_FIELDS:
+        c, ref = getattr(cached, name).float(), getattr(live, name).float()
+        torch.testing.assert_close(c, ref, rtol=TOL[name].rtol, atol=TOL[name].atol_for(ref), msg=name)
 
 
 def test_pairs_are_the_bruteforce_set(world, frozen, events):
@@ -174,7 +179,7 @@ def test_head_outputs_and_gradients_cached_equal_live(world, frozen, events):
     pred_l = head(live)
     loss_l, g_l = _grads(head, pred_l, live)
     assert_close_f32(pred_c, pred_l)
-    torch.testing.assert_close(loss_c, loss_l, rtol=F32_RTOL, atol=0.0)
+    torch.testing.assert_close(loss_c, loss_l, rtol=HEAD_RTOL, atol=0.0)
     _assert_grads_close(g_c, g_l)
 
 

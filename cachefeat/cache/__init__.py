@@ -1,13 +1,16 @@
 """The Zarr v3 cache of the frozen backbone's head inputs (layout in `schema`).
 
-`CacheWriter` commits blocks of `HeadBatch` events, `CacheReader`/`open_cache` read them
-back (validated), `ResidentCache` holds a whole cache in (device) memory, and
-`make_fingerprint`/`fingerprint_diff` tell whether a cache matches a config.
+`CacheWriter` commits blocks of `HeadBatch` events; `CacheReader` reads them back (validated),
+whole into memory as a `ResidentCache` (`resident`) or block by block (`stream`);
+`cache_summary` (`summary`) reports what a cache holds; `make_fingerprint`, `check_cache` and
+`fingerprint_diff` (`fingerprint`) tell whether a cache matches a config.
 """
 
-from cachefeat.cache.fingerprint import fingerprint_diff, make_fingerprint
-from cachefeat.cache.reader import CacheReader, ResidentCache, cache_summary, open_cache
+from cachefeat.cache.fingerprint import cache_differences, check_cache, fingerprint_diff, make_fingerprint
+from cachefeat.cache.reader import CacheReader
+from cachefeat.cache.resident import ResidentCache
 from cachefeat.cache.schema import FORMAT_VERSION
+from cachefeat.cache.summary import cache_summary
 from cachefeat.cache.writer import CacheWriter
 
 __all__ = [
@@ -16,7 +19,8 @@ __all__ = [
     "FORMAT_VERSION",
     "ResidentCache",
     "cache_summary",
+    "cache_differences",
+    "check_cache",
     "fingerprint_diff",
     "make_fingerprint",
-    "open_cache",
 ]

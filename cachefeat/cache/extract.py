@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cachefeat.cache import schema
+from cachefeat.cache.writer import MODES
 from cachefeat.config import POSITIVE_INT, check_allowed, one_of, section
 from cachefeat.errors import UserError
 from cachefeat.head.inputs import HeadBatch, concat
@@ -34,14 +36,13 @@ EXTRACT_DEFAULTS = {
     "precision": "fp32",
 }
 CHOICES = {
-    "dtype": ("float32", "float16", "bfloat16"),
-    "keep_hits": ("assigned", "all"),
-    "keep_queries": ("all", "matched"),
-    "precision": ("fp32", "bf16"),
+    "dtype": schema.EMBED_DTYPES,
+    "keep_hits": schema.KEEP_HITS,
+    "keep_queries": schema.KEEP_QUERIES,
+    "precision": schema.PRECISIONS,
 }
 EXTRACT_ALLOWED = {"batch_size": POSITIVE_INT, "block_size": POSITIVE_INT,
                    **{key: one_of(*allowed) for key, allowed in CHOICES.items()}}
-MODES = ("create", "resume", "overwrite")
 
 
 def default_floor(config: dict) -> float:

@@ -12,11 +12,10 @@ import contextlib
 import numpy as np
 import torch
 
+from cachefeat.cache.schema import PRECISIONS
 from cachefeat.errors import UserError
 from cachefeat.head.inputs import HeadBatch, from_model_outputs
 from cachefeat.model.layers import warm_up_cpu_trig
-
-PRECISIONS = ("fp32", "bf16")
 
 
 def backbone_fingerprint_inputs(config: dict) -> dict:

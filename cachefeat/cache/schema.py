@@ -48,7 +48,11 @@ from zarr.storage import LocalStore
 
 FORMAT_VERSION = 1
 
+# Extraction settings that change the content (recorded in the fingerprint), and their choices.
 EMBED_DTYPES = ("float32", "float16", "bfloat16")
+KEEP_HITS = ("assigned", "all")  # hits used by a kept pair, or every valid hit
+KEEP_QUERIES = ("all", "matched")  # the N queries of every event, or matched ones only
+PRECISIONS = ("fp32", "bf16")  # the frozen forward: float32, or under bfloat16 autocast
 # bfloat16 has no numpy dtype: its raw 16 bits are stored as uint16, with the array attribute
 # `logical_dtype: bfloat16`; the reader reinterprets them with torch's `.view(torch.bfloat16)`.
 STORAGE_DTYPE = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}
@@ -107,6 +111,10 @@ DATA_ARRAYS = (
     ArraySpec("pairs/hit", "P", None, "int32", "pair_hit"),
     ArraySpec("pairs/logit", "P", None, "float32", "pair_logit"),
 )
+# The `HeadBatch` fields of each row kind ("H" hits, "Q" queries, "P" pairs), in DATA_ARRAYS order.
+ROW_FIELDS = {rows: tuple(spec.field for spec in DATA_ARRAYS if spec.rows == rows) for rows in ("H", "Q", "P")}
+# Pair fields that hold a row of another kind: event-local in the cache, batch-global in a HeadBatch.
+PAIR_ROWS = {"pair_query": "Q", "pair_hit": "H"}
 OFFSET_ARRAYS = {"H": "events/hit_offsets", "Q": "events/query_offsets", "P": "events/pair_offsets"}
 EVENT_ID = "events/event_id"
 COUNT_NAMES = {"H": "hits", "Q": "queries", "P": "pairs"}
@@ -117,8 +125,28 @@ def metric_key(name: str) -> str:
     return f"events/metrics/{name}"
 
 
+# Names of the root index arrays (int64 [E], under INDEX): per-event row counts of each row kind,
+# the event ids and the metrics (`index_metric`).
+COUNT_INDEX = {"H": "hit_counts", "Q": "query_counts", "P": "pair_counts"}
+EVENT_ID_INDEX = "event_id"
+
+
+def index_metric(name: str) -> str:
+    """Name of a metric's root index array."""
+    return f"metrics/{name}"
+
+
+def index_sources(metric_names) -> dict[str, str]:
+    """{index array name: the per-block array it concatenates}, counts first (in COUNT_INDEX order),
+    then the event ids and the metrics. A count array is the np.diff of its block offsets."""
+    names = {COUNT_INDEX[rows]: OFFSET_ARRAYS[rows] for rows in COUNT_INDEX}
+    names[EVENT_ID_INDEX] = EVENT_ID
+    names.update({index_metric(m): metric_key(m) for m in metric_names})
+    return names
+
+
 def index_key(name: str) -> str:
-    """Key of a root index array (int64 [E]): hit_counts, query_counts, pair_counts, event_id, metrics/<m>."""
+    """Key of a root index array (int64 [E]) named `name` (see `index_sources`)."""
     return f"{INDEX}/{name}"
 
 

@@ -5,29 +5,7 @@ sizes (B, padded, and 1, unpadded), and every field of the cached `HeadBatch` of
 events is compared with the live one. Then the config's regression head computes its loss and
 the gradient of every parameter on the cached batch and on the live one.
 
-Tolerances (element-wise |cached - live| <= rtol * |live| + atol * max|live of that field|):
-
-- integer and bool fields, raw hit features and targets (float32 copies): exact.
-- float32 embeddings and logits: rtol 1e-5, atol 5e-5 of the field's largest magnitude. Two
-  batch compositions of the 4-layer muon backbone differ by summation order only; measured
-  worst over 160 events at batch sizes 64, 21 and 1 (CPU): 4.6e-6 of the field's magnitude
-  (pair logits), while element-wise relative errors of mid-sized values reach 2.6e-4, so a
-  pure rtol cannot express float32 rounding here.
-- float16 / bfloat16 embeddings: one unit in the last place of the storage dtype on top
-  (rtol 2^-10 resp. 2^-7). Logits are stored as float32 whatever the embedding dtype.
-- head loss: rtol 1e-5; head gradients: the 2-norm of the difference over all parameters
-  within 1e-5 of the gradient's 2-norm. Element-wise checks do not hold: where a ReLU input or
-  a max/min pool sits within rounding of a tie, the two sources take different branches and a
-  gradient element moves by a whole term (measured on an H100: 7.3e-5 of a parameter's largest
-  gradient, at 2.1e-6 in the norm; 18 samples of 256 events at batch sizes 64, 7 and 1). For
-  float16/bfloat16 caches the live reference has its embeddings rounded to the storage dtype,
-  as extraction stores them, and the rtol grows by one storage ulp (live values on a rounding
-  boundary may round the other way; measured: 0.03 unit roundoffs, float16). The rounding itself
-  moves the gradients by up to ~8 unit roundoffs of their norm (measured), the documented price
-  of the dtype.
-- caches extracted under bf16 autocast (`precision: bf16`): every float field gets 2^-4 of its
-  magnitude on top (and the head's rtol too), since the live forward runs in bfloat16 as well
-  (measured on 20 muon events, CPU: pair logits 1.6e-2 of their magnitude apart).
+Tolerances: the table of `tolerance` (`field_tolerances`), the one the equivalence tests use.
 
 A pair whose probability lies within rounding of the floor, or a hit on the decoder's mask
 threshold, can differ between batch compositions; verify then reports the shapes that differ.
@@ -42,54 +20,11 @@ import math
 import numpy as np
 import torch
 
+from cachefeat.cache.tolerance import FIELDS, Tolerance, field_tolerances
 from cachefeat.errors import UserError
 from cachefeat.head.inputs import HeadBatch, concat
 
 log = logging.getLogger(__name__)
-
-EXACT_FIELDS = (
-    "event_id", "hit_offsets", "query_offsets", "query_slot", "target_index", "target_valid",
-    "pair_query", "pair_hit", "hit_raw", "targets",
-)
-EMBED_FIELDS = ("hit_embed", "query_embed")
-LOGIT_FIELDS = ("query_valid_logit", "pair_logit")
-FIELDS = EXACT_FIELDS + EMBED_FIELDS + LOGIT_FIELDS
-
-F32_RTOL = 1e-5
-F32_ATOL = 5e-5  # of the field's largest magnitude
-HEAD_RTOL = 1e-5  # loss; gradients in the 2-norm over all parameters
-STORAGE_ULP = {"float32": 0.0, "float16": 2.0**-10, "bfloat16": 2.0**-7}
-BF16_FORWARD_ATOL = 2.0**-4  # extra, of the field's magnitude, when the cache was extracted under bf16 autocast
-
-
-@dataclasses.dataclass(frozen=True)
-class Tolerance:
-    """|a - b| <= rtol * |b| + atol * max|b| element-wise; rtol = atol = 0 means exact."""
-
-    rtol: float = 0.0
-    atol: float = 0.0
-
-    def __str__(self) -> str:
-        if self.rtol == 0 and self.atol == 0:
-            return "exact"
-        if self.atol == 0:
-            return f"rtol {self.rtol:.2g}"
-        return f"rtol {self.rtol:.2g} + {self.atol:.2g}*max"
-
-
-def field_tolerances(embed_dtype: str, precision: str = "fp32") -> dict[str, Tolerance]:
-    """The tolerance of every compared field, plus "head loss" and "head gradients"."""
-    if embed_dtype not in STORAGE_ULP:
-        raise UserError(f"unknown embedding dtype '{embed_dtype}' (expected one of {', '.join(STORAGE_ULP)})")
-    forward = BF16_FORWARD_ATOL if precision == "bf16" else 0.0
-    ulp = STORAGE_ULP[embed_dtype]
-    tol = {name: Tolerance() for name in EXACT_FIELDS}
-    tol.update({name: Tolerance(F32_RTOL + ulp, F32_ATOL + ulp + forward) for name in EMBED_FIELDS})
-    tol.update({name: Tolerance(F32_RTOL, F32_ATOL + forward) for name in LOGIT_FIELDS})
-    head = Tolerance(HEAD_RTOL + ulp + forward)
-    tol["head loss"] = head
-    tol["head gradients"] = head
-    return tol
 
 
 def compare(cached: torch.Tensor, live: torch.Tensor, tol: Tolerance) -> dict:
@@ -148,7 +83,7 @@ def sample_events(num_events: int, events: int, seed: int) -> np.ndarray:
 def read_sample(reader, indices: np.ndarray) -> HeadBatch:
     """The cached events `indices`, in that order: contiguous runs read from disk, then gathered
     by `ResidentCache.batch` (the training path's gather)."""
-    from cachefeat.cache.reader import ResidentCache
+    from cachefeat.cache.resident import ResidentCache
 
     order = np.sort(indices)
     runs = np.split(order, np.flatnonzero(np.diff(order) != 1) + 1)
@@ -221,8 +156,8 @@ def verify_cache(config: dict, cache, checkpoint, input, *, events: int = 64, se
         fingerprint does not match the checkpoint, the config or the input.
     """
     from cachefeat.cache.extract import EXTRACT_DEFAULTS
-    from cachefeat.cache.fingerprint import fingerprint_diff, make_fingerprint
-    from cachefeat.cache.frozen import FrozenBackbone, backbone_fingerprint_inputs
+    from cachefeat.cache.fingerprint import check_cache, library_versions, version_changes
+    from cachefeat.cache.frozen import FrozenBackbone
     from cachefeat.cache.reader import CacheReader
     from cachefeat.config import section
     from cachefeat.data.loading import open_events
@@ -245,15 +180,10 @@ def verify_cache(config: dict, cache, checkpoint, input, *, events: int = 64, se
     precision = settings.get("precision", "fp32")
     backbone = FrozenBackbone(config, checkpoint, device=device, precision=precision)
     with open_events(config, input) as event_file:
-        expected = make_fingerprint(
-            checkpoint_sha256=backbone.checkpoint_sha256,
-            backbone_config=backbone_fingerprint_inputs(config),
-            input_hash=event_file.content_hash(),
-            settings=fingerprint.get("settings") or {},
-        )
-        stale, warnings = fingerprint_diff(fingerprint, expected)
-        if stale:
-            raise UserError(f"cache {cache} was not extracted from these inputs: {'; '.join(stale)}")
+        check_cache(reader, config, checkpoint_sha256=backbone.checkpoint_sha256,
+                    input_hash=event_file.content_hash(), what="cache",
+                    hint="pass the config, checkpoint and input it was extracted from, or re-extract it")
+        warnings = version_changes(fingerprint.get("versions"), library_versions())
         for line in warnings:
             log.warning("cache %s was extracted with another library version: %s", cache, line)
 

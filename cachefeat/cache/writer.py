@@ -400,10 +400,8 @@ class CacheWriter:
                 raise ValueError(f"metric {name!r} must be integer [{n}], got {value.dtype} {value.shape}")
             out[schema.metric_key(name)] = value.astype(np.int64)
 
-        local = {
-            "pair_query": pair_query - offsets["Q"][pair_event],
-            "pair_hit": pair_hit - offsets["H"][pair_event],
-        }
+        batch_rows = {"pair_query": pair_query, "pair_hit": pair_hit}
+        local = {name: batch_rows[name] - offsets[rows][pair_event] for name, rows in schema.PAIR_ROWS.items()}
         cols = {"F": len(self.raw_fields), "D": self.dim, "T": len(self.particle_fields)}
         for spec in schema.DATA_ARRAYS:
             dtype = schema.storage_dtype(spec, self.embed_dtype)
@@ -526,13 +524,8 @@ class CacheWriter:
         log.info("cache %s complete: %d events in %d blocks", self._where, self.num_events, self.num_blocks)
 
     def _write_index(self, keys: list[str]) -> None:
-        names = {
-            "hit_counts": schema.OFFSET_ARRAYS["H"],
-            "query_counts": schema.OFFSET_ARRAYS["Q"],
-            "pair_counts": schema.OFFSET_ARRAYS["P"],
-            "event_id": schema.EVENT_ID,
-        }
-        names.update({f"metrics/{m}": schema.metric_key(m) for m in self.metric_names})
+        names = schema.index_sources(self.metric_names)
+        counts = set(schema.COUNT_INDEX.values())
         requests = [(f"{key}/{array_key}", slice(None)) for key in keys for array_key in names.values()]
         results = schema.read_arrays(self._store, requests)
         for result in results:
@@ -540,7 +533,7 @@ class CacheWriter:
                 raise result
         parts = {name: results[i :: len(names)] for i, name in enumerate(names)}
         parts = {
-            name: [np.diff(v) if name.endswith("_counts") else v for v in values]
+            name: [np.diff(v) if name in counts else v for v in values]
             for name, values in parts.items()
         }
         self._root.create_group(schema.INDEX, overwrite=True)

@@ -56,9 +56,8 @@ def _events(path: Path, n: int, seed: int) -> tuple[Path, str]:
 def _cache(config, checkpoint, events: Path, out: Path, device) -> tuple[dict, str]:
     """Extract `events`, unless `out` is a complete cache with the fingerprint this would produce."""
     from cachefeat.cache.extract import extract
-    from cachefeat.cache.frozen import backbone_fingerprint_inputs
+    from cachefeat.cache.fingerprint import cache_differences
     from cachefeat.cache.reader import CacheReader
-    from cachefeat.config import stable_hash
     from cachefeat.data.events import EventFile
     from cachefeat.errors import UserError
     from cachefeat.model.checkpoint import load_checkpoint
@@ -70,11 +69,11 @@ def _cache(config, checkpoint, events: Path, out: Path, device) -> tuple[dict, s
             stored = None
         if stored is not None:
             with EventFile(events, config["data"]["hit_fields"], config["data"]["particle_fields"]) as ev:
-                expected = {"input_hash": ev.content_hash(),
-                            "checkpoint_sha256": load_checkpoint(checkpoint)["weights_sha256"],
-                            "backbone_config_hash": stable_hash(backbone_fingerprint_inputs(config))}
-            if all(stored.get(k) == v for k, v in expected.items()):
+                stale = cache_differences(stored, config=config, input_hash=ev.content_hash(),
+                                          checkpoint_sha256=load_checkpoint(checkpoint)["weights_sha256"])
+            if not stale:
                 return {"seconds": None}, "reused"
+            log.info("re-extracting %s: %s", out, "; ".join(stale))
     summary = extract(config, checkpoint, events, out, mode="overwrite", device=device)
     return summary, "extracted"
 
@@ -121,7 +120,7 @@ def _speed(config, work: Path, train_cache: Path, val_cache: Path, checkpoint, e
 
 
 def run(args) -> int:
-    from cachefeat.cache.reader import CacheReader, cache_summary
+    from cachefeat.cache import CacheReader, cache_summary
     from cachefeat.cli import load_checked_config
     from cachefeat.evaluation.predict import evaluate
     from cachefeat.model.checkpoint import load_checkpoint

@@ -101,7 +101,7 @@ def format_summary(s: dict) -> str:
 
 
 def run(args) -> int:
-    from cachefeat.cache.reader import CacheReader, cache_summary
+    from cachefeat.cache import CacheReader, cache_summary
 
     reader = CacheReader(args.cache)
     if args.verify:

@@ -187,15 +187,25 @@ def _check_fields(head, raw_fields: list[str], particle_fields: list[str], what:
                         "(set evaluate.fit: false to evaluate the head alone)")
 
 
-def _check_backbone(ckpt: dict, checkpoint_sha256: str | None, backbone_config_hash: str | None, what: str) -> None:
-    """The head must be evaluated on features of the backbone it was trained on."""
+def _check_backbone(ckpt: dict, features: dict, what: str) -> None:
+    """The head must be evaluated on features of the backbone it was trained on.
+
+    `features`: the fingerprint entries (`BACKBONE_KEYS`) of the backbone that made the features.
+    Entries the head's checkpoint does not record (a head trained live) are not compared.
+    """
+    from cachefeat.cache.fingerprint import cache_differences
+
     trained = ckpt.get("cache_fingerprint") or {}
-    sha, config_hash = trained.get("checkpoint_sha256"), trained.get("backbone_config_hash")
-    if sha and checkpoint_sha256 and sha != checkpoint_sha256:
-        raise UserError(f"{what} comes from other backbone weights than the head was trained on "
-                        f"(sha256 {checkpoint_sha256[:12]}…, head trained on {sha[:12]}…)")
-    if config_hash and backbone_config_hash and config_hash != backbone_config_hash:
-        raise UserError(f"{what} comes from another backbone config than the head was trained on")
+    weights = cache_differences(features, checkpoint_sha256=trained.get("checkpoint_sha256") or None)
+    config = cache_differences(features, backbone_config_hash=trained.get("backbone_config_hash") or None)
+    kinds = []
+    if weights:
+        kinds.append("other backbone weights")
+    if config:
+        kinds.append("another backbone config")
+    if kinds:
+        raise UserError(f"{what} comes from {' and '.join(kinds)} than the head was trained on "
+                        f"(features vs head: {'; '.join(weights + config)})")
 
 
 def _json_safe(obj):
@@ -265,8 +275,7 @@ def evaluate(config: dict, head_ckpt, output, *, source: str = "cache", cache=No
         reader = CacheReader(cache)
         what = f"cache {cache}"
         _check_fields(head, reader.raw_fields, reader.particle_fields, what, fit)
-        fp = reader.fingerprint
-        _check_backbone(ckpt, fp.get("checkpoint_sha256"), fp.get("backbone_config_hash"), what)
+        _check_backbone(ckpt, reader.fingerprint, what)
         floor = float(reader.settings.get("floor", 0.0))
         if floor > head.assignment_threshold:
             raise UserError(f"cache {cache} holds pairs with p >= {floor}, above the head's threshold "
@@ -274,8 +283,8 @@ def evaluate(config: dict, head_ckpt, output, *, source: str = "cache", cache=No
         total = reader.num_events
         make_batches = functools.partial(_cache_batches, reader, batch_size)
     else:
-        from cachefeat.cache.frozen import FrozenBackbone, backbone_fingerprint_inputs
-        from cachefeat.config import stable_hash
+        from cachefeat.cache.fingerprint import config_hash
+        from cachefeat.cache.frozen import FrozenBackbone
         from cachefeat.data.loading import open_events
 
         if checkpoint is None or input is None:
@@ -283,8 +292,8 @@ def evaluate(config: dict, head_ckpt, output, *, source: str = "cache", cache=No
         frozen = FrozenBackbone(config, checkpoint, device)
         events = open_events(config, input)
         _check_fields(head, frozen.raw_fields, frozen.particle_fields, "the config's data section", fit)
-        _check_backbone(ckpt, frozen.checkpoint_sha256, stable_hash(backbone_fingerprint_inputs(config)),
-                        f"checkpoint {checkpoint}")
+        live = {"checkpoint_sha256": frozen.checkpoint_sha256, "backbone_config_hash": config_hash(config)}
+        _check_backbone(ckpt, live, f"checkpoint {checkpoint}")
         total = len(events)
         make_batches = functools.partial(_live_batches, frozen, events, batch_size, head.assignment_threshold)
 

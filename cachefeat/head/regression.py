@@ -294,7 +294,15 @@ def linear_quantiles(x: Tensor, qs: list[float]) -> Tensor:
 
 
 class _PairSums(torch.autograd.Function):
-    """[2Q, C] = sums @ Z for Z [P', C]: both weighted-sum pools of each query in one sparse product."""
+    """[2Q, C] = sums @ Z for Z [P', C]: both weighted-sum pools of each query in one sparse product.
+
+    The backward is the product with the transpose `sums_t`, built once per batch in `PairWeights`.
+    Measured (torch 2.13 CPU, 1 thread, a muon batch of 256 events: P' = 12,529 pairs, Q = 512,
+    C = 32; forward + backward for one hit net, median of 30 alternating runs, two runs): 0.92 and
+    1.04 ms, against 2.1 and 2.2 ms for the two weighted sums as autograd index_adds. With the hit
+    nets on pair rows and the integer-key extrema (commit c53730c): 29.3 -> 22.4 ms per training
+    step of 256 muon events (same process, alternating, 1 thread).
+    """
 
     @staticmethod
     def forward(ctx, Z: Tensor, sums: Tensor, sums_t: Tensor):
@@ -324,6 +332,11 @@ class _SegmentExtrema(torch.autograd.Function):
     the same value) go to one row (the highest for max, the lowest for min) where autograd splits
     them evenly; tied rows of a hit net's output come from identical hidden activations, so the
     parameters' gradients are the same either way.
+
+    Measured (the batch and settings of `_PairSums`): 3.5 and 4.2 ms for max and min, forward +
+    backward, against 9.3 and 12.6 ms for autograd's scatter_reduce amax/amin (include_self=False),
+    whose backward makes several [P', C] passes and took about half of a cached training step
+    (profile, muon batch of 256 events, 1 thread; commit 15fd803).
     """
 
     @staticmethod

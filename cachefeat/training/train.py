@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from cachefeat.cache.fingerprint import check_cache
 from cachefeat.config import POSITIVE_INT, above, at_least, instantiate, one_of, section, stable_hash
 from cachefeat.errors import UserError
 from cachefeat.evaluation.metrics import regression_metrics
@@ -82,31 +83,6 @@ def build_head(config: dict, raw_fields: list[str], particle_fields: list[str], 
     if impl is not None:
         block["init_args"] = {**(block.get("init_args") or {}), "impl": impl}
     return instantiate(block, "head", raw_fields=raw_fields, particle_fields=particle_fields)
-
-
-def check_cache(reader, config: dict, *, checkpoint_sha256: str | None, input_hash: str | None,
-                allow_stale: bool, what: str) -> list[str]:
-    """Compare a cache's fingerprint with the config (and checkpoint / input when known).
-
-    Returns the differences; raises UserError on any unless `allow_stale`.
-    """
-    from cachefeat.cache.frozen import backbone_fingerprint_inputs
-
-    fp = reader.fingerprint
-    diffs = []
-    if fp.get("backbone_config_hash") != stable_hash(backbone_fingerprint_inputs(config)):
-        diffs.append("the backbone config (model block or data fields) differs from the one it was extracted with")
-    if checkpoint_sha256 is not None and fp.get("checkpoint_sha256") != checkpoint_sha256:
-        diffs.append(f"checkpoint weights differ (this cache {fp.get('checkpoint_sha256', '?')[:12]}…, "
-                     f"expected {checkpoint_sha256[:12]}…)")
-    if input_hash is not None and fp.get("input_hash") != input_hash:
-        diffs.append("the input events differ from the ones it was extracted from")
-    if diffs:
-        message = f"{what} {reader.path} does not match: " + "; ".join(diffs)
-        if not allow_stale:
-            raise UserError(message + " (re-extract it, or pass --allow-stale)")
-        log.warning("%s (--allow-stale: training anyway)", message)
-    return diffs
 
 
 def gather_objects(accelerator, items: list) -> list:

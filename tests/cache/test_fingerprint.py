@@ -1,17 +1,23 @@
-"""make_fingerprint contents and fingerprint_diff's stale/warning split, one difference at a time."""
+"""make_fingerprint contents, fingerprint_diff's stale/warning split one difference at a time, and
+cache_differences / check_cache, the staleness check of train, sweep, evaluate, verify and demo."""
 
 from __future__ import annotations
 
 import copy
 import hashlib
 import json
+from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 import zarr
 
 import cachefeat
 from cachefeat.cache import FORMAT_VERSION, fingerprint_diff, make_fingerprint
+from cachefeat.cache.fingerprint import cache_differences, check_cache, config_hash
+from cachefeat.config import stable_hash
+from cachefeat.errors import UserError
 
 CONFIG = {"model": {"class_path": "cachefeat.model.maskformer.MaskFormer", "init_args": {"dim": 32}}}
 SETTINGS = {
@@ -23,6 +29,10 @@ SETTINGS = {
     "block_size": 4096,
     "batch_size": 64,
 }
+
+
+CONFIG_LINE = "backbone config differs (model block or data fields) from the one it was extracted with"
+INPUT_LINE = "input data differs (the input events differ from the ones it was extracted from)"
 
 
 def fingerprint(**changes) -> dict:
@@ -74,9 +84,9 @@ def test_each_kind_of_difference_is_listed():
         ),
         "config": (
             fingerprint(backbone_config={"model": {"init_args": {"dim": 64}}}),
-            "backbone config differs",
+            CONFIG_LINE,
         ),
-        "input": (fingerprint(input_hash="other"), "input data differs"),
+        "input": (fingerprint(input_hash="other"), INPUT_LINE),
         "floor": (fingerprint(settings={**SETTINGS, "floor": 0.1}), "settings.floor: 0.05 vs 0.1"),
         "dtype": (
             fingerprint(settings={**SETTINGS, "embed_dtype": "float32"}),
@@ -117,4 +127,44 @@ def test_several_differences_at_once():
     stale, warnings = fingerprint_diff(fingerprint(), expected)
     assert len(stale) == 3 and len(warnings) == 1
     assert any("checkpoint weights differ" in s for s in stale)
-    assert "input data differs" in stale and "settings.floor: 0.05 vs 0.2" in stale
+    assert INPUT_LINE in stale and "settings.floor: 0.05 vs 0.2" in stale
+
+
+def test_cache_differences_compare_what_is_given_in_fingerprint_diff_words():
+    stored = fingerprint()
+    assert cache_differences(stored) == []
+    assert cache_differences(stored, backbone_config_hash=stable_hash(CONFIG), checkpoint_sha256="ab12" * 16,
+                             input_hash="in" * 32) == []
+    assert cache_differences(stored, backbone_config_hash="x", checkpoint_sha256="cd34" * 16,
+                             input_hash="other") == [
+        CONFIG_LINE, "checkpoint weights differ (sha256 ab12ab12… vs cd34cd34…)", INPUT_LINE]
+    # the same line as the whole-fingerprint comparison of the writer
+    assert cache_differences(stored, input_hash="other") == fingerprint_diff(stored, fingerprint(input_hash="other"))[0]
+
+
+def test_check_cache_refuses_a_stale_cache_unless_allowed(caplog):
+    config = {"model": CONFIG["model"], "data": {"hit_fields": ["x"], "particle_fields": ["pt"]}}
+    reader = SimpleNamespace(path="c.zarr", fingerprint=fingerprint() | {"backbone_config_hash": config_hash(config)})
+    assert check_cache(reader, config, checkpoint_sha256="ab12" * 16) == []
+    with pytest.raises(UserError, match=r"^val c.zarr does not match: input data differs .*\(re-extract it"):
+        check_cache(reader, config, input_hash="other", what="val")
+    with pytest.raises(UserError, match=r"backbone config differs .*\(pass the right config\)$"):
+        check_cache(reader, {**config, "data": {"hit_fields": ["y"]}}, hint="pass the right config")
+    assert check_cache(reader, config, input_hash="other", allow_stale=True) == [INPUT_LINE]
+    assert "c.zarr does not match: input data differs" in caplog.text and "--allow-stale" in caplog.text
+
+
+def test_demo_reuses_a_cache_only_when_it_is_not_stale(muon_config, stage1_checkpoint, muon_events, muon_val_events,
+                                                        cache32, monkeypatch):
+    from pathlib import Path
+
+    import cachefeat.cache.extract
+    from cachefeat.cli.demo import _cache
+
+    monkeypatch.setattr(cachefeat.cache.extract, "extract", lambda *args, **kwargs: {"seconds": 0.0})
+    path = Path(cache32.path)
+    assert _cache(muon_config, stage1_checkpoint, muon_events, path, "cpu")[1] == "reused"
+    assert _cache(muon_config, stage1_checkpoint, muon_val_events, path, "cpu")[1] == "extracted"
+    other = copy.deepcopy(muon_config)
+    other["model"]["init_args"]["mask_attention_threshold"] = 0.2
+    assert _cache(other, stage1_checkpoint, muon_events, path, "cpu")[1] == "extracted"

@@ -206,6 +206,21 @@ def caches(tmp_path_factory, events):
 # --- round trips ------------------------------------------------------------------------------
 
 
+def test_schema_names_cover_head_batch():
+    """The schema's row fields are HeadBatch's fields: every field but the event ids and offsets is one
+    stored array, the per-query ones are head.inputs.QUERY_FIELDS, the pair rows point at query and hit rows."""
+    from dataclasses import fields
+
+    from cachefeat.head.inputs import QUERY_FIELDS
+
+    stored = [field for rows in schema.ROW_FIELDS.values() for field in rows]
+    assert sorted(stored) == sorted(f.name for f in fields(HeadBatch) if f.name not in
+                                    ("event_id", "hit_offsets", "query_offsets"))
+    assert schema.ROW_FIELDS["Q"] == QUERY_FIELDS
+    assert set(schema.PAIR_ROWS) <= set(schema.ROW_FIELDS["P"])
+    assert list(schema.index_sources(["m"])) == ["hit_counts", "query_counts", "pair_counts", "event_id", "metrics/m"]
+
+
 @pytest.mark.parametrize(
     "kind, embed_dtype",
     [
@@ -264,31 +279,6 @@ def test_resident_batch_matches_brute_force(caches, events, kind):
 
 def _event_index(batch: HeadBatch) -> list[int]:
     return [(int(i) - 1000) // 7 for i in batch.event_id]
-
-
-def test_epoch_batches_partition_equal_counts_and_determinism(caches, events):
-    resident = CacheReader(caches()).load()
-    for drop_last in (True, False):
-        per_rank = [
-            list(resident.epoch_batches(4, seed=3, epoch=1, rank=r, world=2, drop_last=drop_last))
-            for r in range(2)
-        ]
-        assert len(per_rank[0]) == len(per_rank[1]) == (2 if drop_last else 3)
-        seen = []
-        for batches in per_rank:
-            for batch in batches:
-                ids = _event_index(batch)
-                assert_batches_equal(batch, reference_batch([events[i] for i in ids]))
-                seen += ids
-        assert len(seen) == len(set(seen)) == (16 if drop_last else E)
-
-    def order(epoch):
-        return [i for b in resident.epoch_batches(4, seed=3, epoch=epoch) for i in _event_index(b)]
-
-    assert order(1) == order(1)
-    assert order(1) != order(2)
-    perm = np.random.default_rng((3, 1)).permutation(E)
-    assert order(1) == perm[:20].tolist()
 
 
 @pytest.mark.parametrize("kind", ["local", "memory"])

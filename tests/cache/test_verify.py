@@ -17,16 +17,8 @@ import pytest
 import torch
 
 from cachefeat.cache.reader import CacheReader
-from cachefeat.cache.verify import (
-    EMBED_FIELDS,
-    EXACT_FIELDS,
-    FIELDS,
-    Tolerance,
-    compare,
-    field_tolerances,
-    sample_events,
-    verify_cache,
-)
+from cachefeat.cache.tolerance import EMBED_FIELDS, EXACT_FIELDS, FIELDS, Tolerance, field_tolerances
+from cachefeat.cache.verify import compare, sample_events, verify_cache
 from cachefeat.cli import main
 
 MUON_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "muon.yaml"
