@@ -46,6 +46,8 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
+from cachefeat.errors import UserError
+
 FORMAT_VERSION = 1
 
 # Extraction settings that change the content (recorded in the fingerprint), and their choices.
@@ -312,10 +314,20 @@ def file_sizes(store: Store, keys: list[str]) -> list[int | None]:
 
 
 def node_attributes(store: Store, keys: list[str]) -> list[dict | None]:
-    """Attributes of the groups at `keys` (read from their zarr.json; None where missing)."""
+    """Attributes of the groups at `keys` (read from their zarr.json; None where missing).
+
+    A zarr.json that is not a JSON object is a UserError naming it (a damaged cache)."""
+    names = [f"{k}/zarr.json" if k else "zarr.json" for k in keys]
     out = []
-    for raw in read_bytes(store, [f"{k}/zarr.json" if k else "zarr.json" for k in keys]):
-        out.append(None if raw is None else json.loads(raw).get("attributes", {}))
+    for name, raw in zip(names, read_bytes(store, names)):
+        try:
+            node = None if raw is None else json.loads(raw)
+        except ValueError as exc:
+            raise UserError(f"{describe(store)}: {name} is not valid JSON ({exc}); the cache is damaged: "
+                            "re-extract it with --overwrite") from exc
+        if node is not None and not isinstance(node, dict):
+            raise UserError(f"{describe(store)}: {name} is not a JSON object; the cache is damaged")
+        out.append(None if node is None else node.get("attributes", {}))
     return out
 
 
