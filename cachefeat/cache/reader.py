@@ -3,7 +3,10 @@
 Opening checks the format version, completeness and (by default) that every file listed in
 the block manifests is present with its recorded size, so a deleted or truncated chunk is
 refused instead of reading as zeros. A chunk whose bytes changed fails its crc32c when read,
-reported as a `UserError` naming the array and the events it covers.
+reported as a `UserError` naming the array and the events it covers. Opening reads every
+block's per-event arrays (`schema.event_arrays`: offsets, event ids, metrics), so a training run
+reads and checks every array the cache stores. On a local directory the chunks are read by
+`chunkio` (straight into the output arrays), elsewhere through zarr.
 
 Event order is the input's: cache event i is input event i. Embeddings come back in their
 storage dtype (`HeadBatch.float()` widens them, on the device); integer columns as int64.
@@ -23,6 +26,7 @@ import torch
 from zarr.abc.store import Store
 
 from cachefeat.cache import schema
+from cachefeat.cache.chunkio import LocalChunks
 from cachefeat.cache.resident import ResidentCache
 from cachefeat.cache.stream import stream_batches, stream_num_batches
 from cachefeat.errors import UserError
@@ -43,7 +47,7 @@ class CacheReader:
         self._where = schema.describe(path)
         if not isinstance(path, Store) and not Path(path).is_dir():
             raise UserError(f"no cache at {self._where}")
-        self._store, _ = schema.open_store(path, read_only=True)
+        self._store, local = schema.open_store(path, read_only=True)
         self._arrays: dict = {}  # arrays opened by earlier reads (see schema.read_arrays)
         attrs = schema.node_attributes(self._store, [""])[0]
         if attrs is None or "format_version" not in attrs:
@@ -75,15 +79,45 @@ class CacheReader:
             )
         if check_files:
             self._check(content=False)
-
-        index = self._read_index([*schema.COUNT_INDEX.values(), schema.EVENT_ID_INDEX])
-        self.hit_counts, self.query_counts, self.pair_counts, self.event_id = index
-        self._offsets = {
-            sym: np.concatenate([[0], np.cumsum(c)]).astype(np.int64)
-            for sym, c in zip("HQP", (self.hit_counts, self.query_counts, self.pair_counts))
-        }
+        files = {}  # store key -> [size, crc32c], every block's manifest
+        for block, manifest in enumerate(self._manifests):
+            files.update(schema.prefixed(schema.block_key(block), manifest["files"]))
+        self._chunks = LocalChunks(local, files) if local is not None else None
         self._cols = {"F": len(self.raw_fields), "D": self.dim, "T": len(self.particle_fields)}
-        self._metrics: dict[str, np.ndarray] | None = None
+        self._read_event_arrays()
+
+    def _read_event_arrays(self) -> None:
+        """Read every block's per-event arrays; set the counts, event ids, offsets and metrics."""
+        keys = schema.event_arrays(self.metric_names)
+        requests = []
+        for block in range(self.num_blocks):
+            start, stop = schema.block_range(block, self.num_events, self.block_size)
+            what = self._events_text(block)
+            for key in keys:
+                n = stop - start + (key in schema.OFFSET_ARRAYS.values())
+                requests.append((f"{schema.block_key(block)}/{key}", slice(0, n), what, np.empty(n, np.int64)))
+        self._read_into(requests)
+        values = {key: [r[3] for r in requests[i :: len(keys)]] for i, key in enumerate(keys)}
+        counts = {}
+        for sym, key in schema.OFFSET_ARRAYS.items():
+            for block, off in enumerate(values[key]):
+                expected = self._manifests[block]["counts"].get(schema.COUNT_NAMES[sym])
+                if off[0] != 0 or np.any(np.diff(off) < 0) or off[-1] != expected:
+                    raise UserError(
+                        f"cache {self._where} is damaged: {schema.block_key(block)}/{key} does not end at the "
+                        f"manifest's {expected} {schema.COUNT_NAMES[sym]} ({self._events_text(block)}); "
+                        "re-extract it with --overwrite"
+                    )
+            counts[sym] = np.concatenate([np.diff(off) for off in values[key]] or [np.zeros(0, np.int64)])
+        self.hit_counts, self.query_counts, self.pair_counts = counts["H"], counts["Q"], counts["P"]
+        self._counts = counts
+
+        def joined(key):
+            return np.concatenate(values[key] or [np.zeros(0, np.int64)])
+
+        self.event_id = joined(schema.EVENT_ID)
+        self._metrics = {m: joined(schema.metric_key(m)) for m in self.metric_names}
+        self._offsets = {sym: np.concatenate([[0], np.cumsum(c)]).astype(np.int64) for sym, c in counts.items()}
 
     # --- validation ---------------------------------------------------------------------------
 
@@ -98,9 +132,6 @@ class CacheReader:
             (schema.prefixed(schema.block_key(b), m["files"]), self._events_text(b))
             for b, m in enumerate(self._manifests)
         ]
-        parts.append(
-            (schema.prefixed(schema.INDEX, self.attrs.get("index_files") or {}), "the per-event index")
-        )
         if content:  # one block at a time, so memory stays at one block's files
             checks = [(schema.check_files(self._store, files, content=True), what) for files, what in parts]
         else:  # all sizes in one concurrent sweep
@@ -119,63 +150,89 @@ class CacheReader:
 
     # --- reading ------------------------------------------------------------------------------
 
-    def _read_index(self, names: list[str]) -> list[np.ndarray]:
-        values = self._gather([(schema.index_key(n), slice(None), "the per-event index") for n in names])
-        return [v.astype(np.int64) for v in values]
-
-    def _gather(self, requests: list[tuple[str, slice, str]]) -> list[np.ndarray]:
-        """Read (array path, rows, events text) requests concurrently; corruption -> UserError."""
-        results = schema.read_arrays(self._store, [(path, rows) for path, rows, _ in requests], self._arrays)
-        for (path, _, what), result in zip(requests, results):
-            if isinstance(result, (ValueError, RuntimeError, OSError)):
-                kind = "checksum mismatch" if "checksum" in str(result) else f"cannot decode ({result})"
+    def _read_into(self, requests: list[tuple[str, slice, str, np.ndarray]]) -> None:
+        """Fill each (array path, rows, events text, out) request; corruption -> UserError."""
+        if self._chunks is not None:
+            errors = self._chunks.read_into([(path, rows, out) for path, rows, _, out in requests])
+        else:
+            errors = [NotImplementedError()] * len(requests)
+        other = [i for i, e in enumerate(errors) if isinstance(e, NotImplementedError)]
+        if other:  # not a local directory, or a layout chunkio does not read: through zarr
+            results = schema.read_arrays(self._store, [requests[i][:2] for i in other], self._arrays)
+            for i, result in zip(other, results):
+                errors[i] = result if isinstance(result, BaseException) else None
+                if errors[i] is None:
+                    try:
+                        np.copyto(requests[i][3], result.reshape(requests[i][3].shape), casting="no")
+                    except ValueError as exc:
+                        errors[i] = exc
+        for (path, _, what, _), exc in zip(requests, errors):
+            if isinstance(exc, (ValueError, RuntimeError, OSError, IndexError)):
+                kind = "checksum mismatch" if "checksum" in str(exc) else f"cannot decode ({exc})"
                 raise UserError(
                     f"{kind} in {path} ({what}): the cache is corrupted, re-extract with --overwrite"
-                ) from result
-            if isinstance(result, BaseException):
-                raise result
-        return results
+                ) from exc
+            if exc is not None:
+                raise exc
 
     def read_block(self, block: int) -> HeadBatch:
         """The events of `block` (see `read_events`)."""
-        if not 0 <= block < self.num_blocks:
-            raise IndexError(f"block {block} outside 0..{self.num_blocks - 1}")
-        return self.read_events(*schema.block_range(block, self.num_events, self.block_size))
+        return self.read_blocks([block])
+
+    def read_blocks(self, blocks) -> HeadBatch:
+        """The events of `blocks`, block after block in that order, as one `HeadBatch`."""
+        for block in blocks:
+            if not 0 <= block < self.num_blocks:
+                raise IndexError(f"block {block} outside 0..{self.num_blocks - 1}")
+        return self._read_ranges([schema.block_range(b, self.num_events, self.block_size) for b in blocks])
 
     def read_events(self, start: int, stop: int) -> HeadBatch:
         """Events [start, stop) as one `HeadBatch` (batch-global pair rows), across blocks."""
         if not 0 <= start <= stop <= self.num_events:
             raise IndexError(f"events {start}-{stop} outside 0..{self.num_events}")
-        requests, keys = [], []
-        first = start // self.block_size
-        last = (stop - 1) // self.block_size if stop > start else first - 1
-        for block in range(first, last + 1):
-            b_start, b_stop = schema.block_range(block, self.num_events, self.block_size)
-            lo, hi = max(start, b_start), min(stop, b_stop)
-            what = self._events_text(block)
-            for spec in schema.DATA_ARRAYS:
-                off = self._offsets[spec.rows]
-                rows = slice(int(off[lo] - off[b_start]), int(off[hi] - off[b_start]))
-                requests.append((f"{schema.block_key(block)}/{spec.key}", rows, what))
-                keys.append(spec)
-        parts = defaultdict(list)
-        for spec, values in zip(keys, self._gather(requests)):
-            parts[spec.key].append(values)
+        return self._read_ranges([(start, stop)])
 
-        n = stop - start
-        offsets = {sym: off[start : stop + 1] - off[start] for sym, off in self._offsets.items()}
-        pair_event = np.repeat(np.arange(n), self.pair_counts[start:stop])
+    def _read_ranges(self, ranges: list[tuple[int, int]]) -> HeadBatch:
+        """The event ranges, one after another, as one `HeadBatch`: every chunk is read (and its
+        crc32c checked) straight into the batch's arrays, once."""
+        pieces = []  # (block, lo, hi): events [lo, hi) of one block, in output order
+        for start, stop in ranges:
+            if stop > start:
+                for block in range(start // self.block_size, (stop - 1) // self.block_size + 1):
+                    b_start, b_stop = schema.block_range(block, self.num_events, self.block_size)
+                    pieces.append((block, max(start, b_start), min(stop, b_stop)))
+        events = np.concatenate([np.arange(lo, hi) for _, lo, hi in pieces] or [np.zeros(0, np.int64)])
+        n = len(events)
+        counts = {sym: c[events] for sym, c in self._counts.items()}
+        offsets = {sym: np.concatenate([[0], np.cumsum(c)]).astype(np.int64) for sym, c in counts.items()}
+        out_arrays = {}
+        for spec in schema.DATA_ARRAYS:
+            shape = (int(offsets[spec.rows][-1]),) + (() if spec.cols is None else (self._cols[spec.cols],))
+            out_arrays[spec.key] = np.empty(shape, schema.storage_dtype(spec, self.embed_dtype))
+        requests, pos = [], {sym: 0 for sym in self._offsets}
+        for block, lo, hi in pieces:
+            b_start = block * self.block_size
+            what = self._events_text(block)
+            rows = {}
+            for sym, off in self._offsets.items():
+                rows[sym] = (int(off[lo] - off[b_start]), int(off[hi] - off[b_start]))
+            for spec in schema.DATA_ARRAYS:
+                a, b = rows[spec.rows]
+                if b > a:
+                    dest = out_arrays[spec.key][pos[spec.rows] : pos[spec.rows] + b - a]
+                    requests.append((f"{schema.block_key(block)}/{spec.key}", slice(a, b), what, dest))
+            for sym, (a, b) in rows.items():
+                pos[sym] += b - a
+        self._read_into(requests)
+
+        pair_event = np.repeat(np.arange(n), counts["P"])
         out = {
-            "event_id": torch.from_numpy(self.event_id[start:stop].copy()),
+            "event_id": torch.from_numpy(self.event_id[events]),
             "hit_offsets": torch.from_numpy(offsets["H"]),
             "query_offsets": torch.from_numpy(offsets["Q"]),
         }
         for spec in schema.DATA_ARRAYS:
-            if parts[spec.key]:
-                values = np.concatenate(parts[spec.key])
-            else:
-                shape = (0,) if spec.cols is None else (0, self._cols[spec.cols])
-                values = np.zeros(shape, schema.storage_dtype(spec, self.embed_dtype))
+            values = out_arrays[spec.key]
             if spec.field in schema.PAIR_ROWS:  # event-local rows -> batch-global
                 values = values.astype(np.int64) + offsets[schema.PAIR_ROWS[spec.field]][pair_event]
             elif values.dtype.kind in "iu" and spec.dtype != "embed":
@@ -188,9 +245,6 @@ class CacheReader:
 
     def metrics(self) -> dict[str, np.ndarray]:
         """Per-event frozen-task counts, int64 [E] by metric name."""
-        if self._metrics is None:
-            values = self._read_index([schema.index_metric(m) for m in self.metric_names])
-            self._metrics = dict(zip(self.metric_names, values))
         return {k: v.copy() for k, v in self._metrics.items()}
 
     def load(self, device="cpu") -> ResidentCache:
@@ -212,23 +266,18 @@ class CacheReader:
     def nbytes(self) -> dict:
         """{"stored": bytes on disk per array key (plus "metadata"), "decoded": decoded bytes per array key}.
 
-        Block arrays are keyed as in a block ("hits/embed"), index arrays as "index/<name>".
+        Arrays are keyed as in a block ("hits/embed").
         """
         stored: dict[str, int] = defaultdict(int)
-        manifests = [("", m["files"]) for m in self._manifests]
-        manifests.append(("index/", self.attrs.get("index_files") or {}))
-        for prefix, files in manifests:
-            for rel, (size, _) in files.items():
-                stored["metadata" if rel.endswith("zarr.json") else prefix + rel.partition("/c/")[0]] += size
+        for manifest in self._manifests:
+            for rel, (size, _) in manifest["files"].items():
+                stored["metadata" if rel.endswith("zarr.json") else rel.partition("/c/")[0]] += size
         decoded: dict[str, int] = {}
         totals = {sym: int(off[-1]) for sym, off in self._offsets.items()}
         for spec in schema.DATA_ARRAYS:
             width = 1 if spec.cols is None else self._cols[spec.cols]
             itemsize = np.dtype(schema.storage_dtype(spec, self.embed_dtype)).itemsize
             decoded[spec.key] = totals[spec.rows] * width * itemsize
-        index = schema.index_sources(self.metric_names)  # all int64; block offsets have n+1 rows per block
-        for key in index.values():
+        for key in schema.event_arrays(self.metric_names):  # all int64; offsets have n+1 rows per block
             decoded[key] = 8 * (self.num_events + (self.num_blocks if key in schema.OFFSET_ARRAYS.values() else 0))
-        for name in index:
-            decoded[schema.index_key(name)] = 8 * self.num_events
         return {"stored": dict(stored), "decoded": dict(decoded)}

@@ -5,8 +5,7 @@ and the tests import it. A cache is a Zarr v3 hierarchy::
 
     <cache>/zarr.json                  root attributes: format_version, fingerprint, settings,
                                        raw_fields, particle_fields, dim, embed_dtype, num_events,
-                                       block_size, num_blocks, metric_names, index_files (the
-                                       index's manifest) and `complete`, set True last
+                                       block_size, num_blocks, metric_names and `complete`, set True last
     <cache>/.lock                      present while a writer holds the cache
     <cache>/blocks/<b:06d>/            one commit block: events [b*block_size, min(E, (b+1)*block_size))
         events/{hit,query,pair}_offsets   int64 [n+1], block-local CSR offsets
@@ -15,16 +14,22 @@ and the tests import it. A cache is a Zarr v3 hierarchy::
         hits/raw [H, F], hits/embed [H, D]
         queries/embed [Q, D], valid_logit [Q], slot [Q], target_index [Q], targets [Q, T], target_valid [Q]
         pairs/query [P], pairs/hit [P] (event-local rows), pairs/logit [P]
-    <cache>/index/                     written by `finalize`: per-event arrays over all E events
-        hit_counts, query_counts, pair_counts, event_id [E] int64; metrics/<name> [E] int64
+
+There is no separate index: a reader opens the cache by reading every block's `events/*` arrays
+(so a training run reads, and checks the crc32c of, every array the cache stores).
 
 Symbols: n events in a block, E events in the cache, H hits, Q queries, P pairs,
 D embedding dim, F raw hit fields, T particle (target) fields.
 
 A block is committed when its group's attributes hold the manifest (`block_manifest`); the
 manifest lists every file of the block with its size and crc32c, so a missing or truncated
-file is found on open. Every chunk carries its own crc32c (inner codec, after compression),
-so a flipped byte fails the read of that chunk.
+file is found on open. Every chunk carries its own crc32c (last codec, after compression),
+so a flipped byte fails the read of that chunk; a reader checks each array's zarr.json against
+the manifest's crc32c before it reads the array (`chunkio`).
+
+Format 2 (format 1 sharded every multi-chunk array and Blosc-compressed all of them, and kept a
+root `index/` that duplicated the blocks' `events/*` arrays): float arrays with a column axis
+(hit raw fields, hit and query embeddings) are stored uncompressed, chunks are not sharded.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ from zarr.storage import LocalStore
 
 from cachefeat.errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 # Extraction settings that change the content (recorded in the fingerprint), and their choices.
 EMBED_DTYPES = ("float32", "float16", "bfloat16")
@@ -59,16 +64,20 @@ PRECISIONS = ("fp32", "bf16")  # the frozen forward: float32, or under bfloat16 
 # `logical_dtype: bfloat16`; the reader reinterprets them with torch's `.view(torch.bfloat16)`.
 STORAGE_DTYPE = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}
 
-# Blosc + byte shuffle. On a muon-like cache (float32, about 30 hits, 2 queries, 40 pairs per
-# event, D=32) zstd level 3 stored 4.5% fewer bytes than lz4 level 5 (4.88 vs 5.12 kB/event)
-# but wrote about 1.7x and read about 1.4x slower: model features barely compress, so lz4.
+# Blosc + byte shuffle, for the arrays that it pays on (integers, bools, 1-D and narrow floats).
+# On a muon-like cache (float32, about 30 hits, 2 queries, 40 pairs per event, D=32) zstd level 3
+# stored 4.5% fewer bytes than lz4 level 5 (4.88 vs 5.12 kB/event) but wrote about 1.7x and read
+# about 1.4x slower: model features barely compress, so lz4. Measured on the 2,048-event muon
+# benchmark block (2-core VM): hits/embed [92304, 32] compresses 1.18x and decodes at 3.2 GB/s
+# (a copy runs at 11 GB/s, crc32c at 5.7 GB/s), hits/raw 1.23x; so the wide float arrays are
+# stored raw (`ArraySpec.compressed`), which costs about 1.3 kB/event and makes their read a
+# read syscall plus a crc32c. Pair rows and slots compress 10-110x, pair logits 1.22x: Blosc.
 CNAME = "lz4"
 CLEVEL = 5
-CHUNK_BYTES = 4 << 20  # target decoded size of one chunk (inner chunk when sharded)
+CHUNK_BYTES = 4 << 20  # target decoded size of one chunk
 
 LOCK_NAME = ".lock"
 BLOCKS = "blocks"
-INDEX = "index"
 # Root attributes that fix the layout: a resumed or second-rank writer must match them.
 LAYOUT_ATTRS = (
     "format_version",
@@ -88,7 +97,8 @@ class ArraySpec:
 
     key: path inside the block group; rows: row symbol ("H", "Q" or "P"); cols: column symbol
     ("F", "D", "T") or None for 1-D; dtype: storage dtype, "embed" for the cache's embedding
-    storage dtype (STORAGE_DTYPE); field: the `HeadBatch` attribute it holds.
+    storage dtype (STORAGE_DTYPE); field: the `HeadBatch` attribute it holds; compressed:
+    Blosc before the crc32c (else the chunk is the raw bytes and their crc32c).
     """
 
     key: str
@@ -96,14 +106,15 @@ class ArraySpec:
     cols: str | None
     dtype: str
     field: str
+    compressed: bool = True
 
 
 # Integer columns are stored narrower than HeadBatch's int64 (the reader widens them):
 # query slots, particle indices and event-local pair rows all fit in int32.
 DATA_ARRAYS = (
-    ArraySpec("hits/raw", "H", "F", "float32", "hit_raw"),
-    ArraySpec("hits/embed", "H", "D", "embed", "hit_embed"),
-    ArraySpec("queries/embed", "Q", "D", "embed", "query_embed"),
+    ArraySpec("hits/raw", "H", "F", "float32", "hit_raw", compressed=False),
+    ArraySpec("hits/embed", "H", "D", "embed", "hit_embed", compressed=False),
+    ArraySpec("queries/embed", "Q", "D", "embed", "query_embed", compressed=False),
     ArraySpec("queries/valid_logit", "Q", None, "float32", "query_valid_logit"),
     ArraySpec("queries/slot", "Q", None, "int32", "query_slot"),
     ArraySpec("queries/target_index", "Q", None, "int32", "target_index"),
@@ -127,29 +138,14 @@ def metric_key(name: str) -> str:
     return f"events/metrics/{name}"
 
 
-# Names of the root index arrays (int64 [E], under INDEX): per-event row counts of each row kind,
-# the event ids and the metrics (`index_metric`).
-COUNT_INDEX = {"H": "hit_counts", "Q": "query_counts", "P": "pair_counts"}
-EVENT_ID_INDEX = "event_id"
+def event_arrays(metric_names) -> list[str]:
+    """Per-block keys of the per-event arrays (int64), which a reader reads on open: the offsets
+    (in OFFSET_ARRAYS order, "H", "Q", "P"), the event ids, the metrics."""
+    return [*OFFSET_ARRAYS.values(), EVENT_ID, *(metric_key(m) for m in metric_names)]
 
 
-def index_metric(name: str) -> str:
-    """Name of a metric's root index array."""
-    return f"metrics/{name}"
-
-
-def index_sources(metric_names) -> dict[str, str]:
-    """{index array name: the per-block array it concatenates}, counts first (in COUNT_INDEX order),
-    then the event ids and the metrics. A count array is the np.diff of its block offsets."""
-    names = {COUNT_INDEX[rows]: OFFSET_ARRAYS[rows] for rows in COUNT_INDEX}
-    names[EVENT_ID_INDEX] = EVENT_ID
-    names.update({index_metric(m): metric_key(m) for m in metric_names})
-    return names
-
-
-def index_key(name: str) -> str:
-    """Key of a root index array (int64 [E]) named `name` (see `index_sources`)."""
-    return f"{INDEX}/{name}"
+# Block arrays stored without a compressor (see CNAME).
+RAW_KEYS = frozenset(spec.key for spec in DATA_ARRAYS if not spec.compressed)
 
 
 def block_key(block: int) -> str:
@@ -170,40 +166,38 @@ def block_range(block: int, num_events: int, block_size: int) -> tuple[int, int]
     return start, min(num_events, start + block_size)
 
 
-def compressors() -> list:
-    """Bytes-to-bytes codecs of every chunk: Blosc with byte shuffle, then crc32c (last, so
-    that it covers the compressed bytes)."""
-    return [BloscCodec(cname=CNAME, clevel=CLEVEL, shuffle=BloscShuffle.shuffle), Crc32cCodec()]
+def compressors(compressed: bool = True) -> list:
+    """Bytes-to-bytes codecs of a chunk: Blosc with byte shuffle (when `compressed`), then
+    crc32c (last, so that it covers the stored bytes)."""
+    blosc = [BloscCodec(cname=CNAME, clevel=CLEVEL, shuffle=BloscShuffle.shuffle)] if compressed else []
+    return [*blosc, Crc32cCodec()]
 
 
-def chunking(shape: tuple[int, ...], itemsize: int) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
-    """(chunks, shards) for an array of `shape`: chunks of about CHUNK_BYTES along axis 0,
-    all in one shard when there is more than one chunk, unsharded otherwise."""
+def chunking(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+    """Chunks for an array of `shape`: about CHUNK_BYTES each along axis 0, whole rows, equal
+    sizes (so the padded edge chunk is short by fewer rows than there are chunks). Unsharded:
+    sharding cost about 30% of a full read here, and a block array is a few files at most."""
     rows = shape[0]
     row_bytes = itemsize * math.prod(shape[1:])
     nchunks = max(1, math.ceil(rows * row_bytes / CHUNK_BYTES))
     chunk_rows = max(1, math.ceil(rows / nchunks))
-    chunks = (chunk_rows, *shape[1:])
-    if nchunks == 1:
-        return chunks, None
-    return chunks, (chunk_rows * nchunks, *shape[1:])
+    return (chunk_rows, *shape[1:])
 
 
 def write_arrays(store: Store, prefix: str, arrays: dict[str, tuple[np.ndarray, dict | None]]) -> None:
     """Write each `key: (data, attributes)` as a new checksummed array `<prefix>/<key>`,
-    concurrently (chunking from `chunking`). The group `prefix` must exist."""
+    concurrently (chunking from `chunking`; no compressor for RAW_KEYS). The group `prefix` must exist."""
     parents = sorted({key.rsplit("/", i)[0] for key in arrays for i in range(1, key.count("/") + 1)}, key=len)
 
     async def _array(key, data, attributes):
-        chunks, shards = chunking(data.shape, data.dtype.itemsize)
         array = await zarr.api.asynchronous.create_array(
             store,
             name=f"{prefix}/{key}",
             shape=data.shape,
             dtype=data.dtype,
-            chunks=chunks,
-            shards=shards,
-            compressors=compressors(),
+            chunks=chunking(data.shape, data.dtype.itemsize),
+            shards=None,
+            compressors=compressors(key not in RAW_KEYS),
             fill_value=0,
             attributes=attributes or {},
             config={"write_empty_chunks": True},

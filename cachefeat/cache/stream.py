@@ -85,14 +85,25 @@ def stream_batches(
 def _batches(reader, groups, batch_size, count, rng, prefetch) -> Iterator[HeadBatch]:
     if count == 0:
         return
-    loader = _Prefetch(lambda group: concat([reader.read_block(b) for b in group]), groups, prefetch)
+    # one read per group, straight into the buffer's arrays (no concatenation of blocks)
+    loader = _Prefetch(reader.read_blocks, groups, prefetch)
     emitted, carry = 0, None
     try:
         for loaded in loader:
+            # the buffer is [carry events, then the loaded ones in a random order]; only the
+            # first batch can hold carried events, so it alone is concatenated
             n_carry = 0 if carry is None else carry.num_events
-            buffer = ResidentCache(loaded if carry is None else concat([carry, loaded]))
-            order = np.concatenate([np.arange(n_carry), n_carry + rng.permutation(loaded.num_events)])
+            buffer = ResidentCache(loaded)
+            order = rng.permutation(loaded.num_events)
             pos = 0
+            if n_carry and emitted < count and n_carry + len(order) >= batch_size:
+                pos = batch_size - n_carry
+                yield concat([carry, buffer.batch(order[:pos])])
+                emitted += 1
+                carry = None
+            elif n_carry:
+                carry = concat([carry, buffer.batch(order)])
+                continue
             while emitted < count and len(order) - pos >= batch_size:
                 yield buffer.batch(order[pos : pos + batch_size])
                 pos += batch_size

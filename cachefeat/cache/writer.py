@@ -237,7 +237,7 @@ class CacheWriter:
             elif mode == "resume":
                 self._check_matches(existing, "resume")
                 self._remove_orphans()
-                # incomplete again until `finalize`, which re-checks every block and rewrites the index
+                # incomplete again until `finalize`, which re-checks every block
                 zarr.open_group(self._store, mode="r+", use_consolidated=False).update_attributes(
                     {"complete": False}
                 )
@@ -491,7 +491,8 @@ class CacheWriter:
 
     def finalize(self) -> None:
         """Rank 0, after every rank closed: check every block is committed with its files
-        present, write the per-event index and mark the cache complete."""
+        present and mark the cache complete (there is no index to build: readers read the
+        blocks' `events/*` arrays)."""
         if self.rank != 0:
             raise RuntimeError("only rank 0 finalizes a cache")
         self.close()
@@ -517,31 +518,5 @@ class CacheWriter:
                 raise UserError(
                     f"cannot finalize {self._where}: {state} (events {start}-{stop - 1}); resume to rewrite"
                 )
-        self._write_index([schema.block_key(b) for b in range(self.num_blocks)])
-        index_files = schema.manifest_files(self._store, schema.INDEX)
-        self._root.update_attributes({"index_files": index_files})
         self._root.update_attributes({"complete": True})  # last: readers accept the cache from here
         log.info("cache %s complete: %d events in %d blocks", self._where, self.num_events, self.num_blocks)
-
-    def _write_index(self, keys: list[str]) -> None:
-        names = schema.index_sources(self.metric_names)
-        counts = set(schema.COUNT_INDEX.values())
-        requests = [(f"{key}/{array_key}", slice(None)) for key in keys for array_key in names.values()]
-        results = schema.read_arrays(self._store, requests)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-        parts = {name: results[i :: len(names)] for i, name in enumerate(names)}
-        parts = {
-            name: [np.diff(v) if name in counts else v for v in values]
-            for name, values in parts.items()
-        }
-        self._root.create_group(schema.INDEX, overwrite=True)
-        schema.write_arrays(
-            self._store,
-            schema.INDEX,
-            {
-                name: ((np.concatenate(values) if values else np.zeros(0)).astype(np.int64), None)
-                for name, values in parts.items()
-            },
-        )

@@ -63,7 +63,7 @@ def format_summary(s: dict) -> str:
             if group != "metadata"
             else key
         )
-        dtype = s["dtypes"].get(key, "int64" if group in ("events", "index") else "json")
+        dtype = s["dtypes"].get(key, "int64" if group == "events" else "json")
         row = rows.setdefault(name, [dtype, 0, 0])
         row[1] += stored
         row[2] += b["decoded"].get(key, 0)

@@ -169,14 +169,13 @@ def assert_batches_equal(got: HeadBatch, want: HeadBatch) -> None:
 
 
 def manifests(location) -> dict:
-    """Every file of a cache (blocks and index) with [size, crc32c], from the manifests."""
+    """Every file of a cache's blocks with [size, crc32c], from the manifests."""
     reader = CacheReader(location)
     out = {
         f"{schema.block_key(b)}/{k}": v
         for b, m in enumerate(reader._manifests)
         for k, v in m["files"].items()
     }
-    out.update({f"index/{k}": v for k, v in reader.attrs["index_files"].items()})
     return out
 
 
@@ -218,7 +217,8 @@ def test_schema_names_cover_head_batch():
                                     ("event_id", "hit_offsets", "query_offsets"))
     assert schema.ROW_FIELDS["Q"] == QUERY_FIELDS
     assert set(schema.PAIR_ROWS) <= set(schema.ROW_FIELDS["P"])
-    assert list(schema.index_sources(["m"])) == ["hit_counts", "query_counts", "pair_counts", "event_id", "metrics/m"]
+    assert schema.event_arrays(["m"]) == ["events/hit_offsets", "events/query_offsets", "events/pair_offsets",
+                                          "events/event_id", "events/metrics/m"]
 
 
 @pytest.mark.parametrize(

@@ -77,8 +77,8 @@ def write(location, blocks=None, finalize=True, mode="create"):
 
 
 @pytest.fixture
-def sharded(monkeypatch):
-    """Small chunks, so that hits/embed (15 x 4 float32 per block) is one shard of 4 inner chunks."""
+def small_chunks(monkeypatch):
+    """Small chunks, so that hits/embed (15 x 4 float32 per block) is 4 chunks of 4 rows (the last padded)."""
     monkeypatch.setattr(schema, "CHUNK_BYTES", 64)
 
 
@@ -89,11 +89,11 @@ def flip_byte(store, key: str, at: int) -> None:
 
 
 @pytest.mark.parametrize("kind", ["local", "memory"])
-def test_flipped_byte_names_array_and_events(tmp_path, sharded, kind):
+def test_flipped_byte_names_array_and_events(tmp_path, small_chunks, kind):
     location = write(tmp_path / "c.zarr" if kind == "local" else MemoryStore())
     store, _ = schema.open_store(location, read_only=False)
-    flip_byte(store, "blocks/000001/hits/embed/c/0/0", 20)  # inside the first inner chunk of the shard
-    flip_byte(store, "blocks/000002/pairs/logit/c/0", 20)  # an unsharded array
+    flip_byte(store, "blocks/000001/hits/embed/c/0/0", 20)  # inside the first chunk (uncompressed)
+    flip_byte(store, "blocks/000002/pairs/logit/c/0", 20)  # a Blosc-compressed array
     reader = CacheReader(location)  # sizes are unchanged: opening works
     reader.read_block(0)
     with pytest.raises(
@@ -112,12 +112,17 @@ def test_flipped_byte_names_array_and_events(tmp_path, sharded, kind):
         reader.verify()
 
 
-def test_flipped_byte_in_shard_index(tmp_path, sharded):
+def test_flipped_byte_in_padded_edge_chunk_and_checksum(tmp_path, small_chunks):
     path = write(tmp_path / "c.zarr")
-    shard = path / "blocks/000003/hits/embed/c/0/0"
-    flip_byte(LocalStore(path), "blocks/000003/hits/embed/c/0/0", shard.stat().st_size - 10)
+    chunk = path / "blocks/000003/hits/embed/c/3/0"  # rows 12-14 and one padding row, then the crc32c
+    flip_byte(LocalStore(path), "blocks/000003/hits/embed/c/3/0", chunk.stat().st_size - 6)  # padding
     with pytest.raises(UserError, match=r"in blocks/000003/hits/embed \(events 15-19\)"):
         CacheReader(path).read_block(3)
+    flip_byte(LocalStore(path), "blocks/000003/hits/embed/c/3/0", chunk.stat().st_size - 6)  # undo
+    CacheReader(path).read_block(3)
+    flip_byte(LocalStore(path), "blocks/000003/hits/embed/c/3/0", chunk.stat().st_size - 1)  # the crc32c
+    with pytest.raises(UserError, match=r"in blocks/000003/hits/embed \(events 15-19\)"):
+        CacheReader(path).read_events(18, 20)  # a partial read of that chunk
 
 
 @pytest.mark.parametrize(
@@ -128,7 +133,7 @@ def test_flipped_byte_in_shard_index(tmp_path, sharded):
         "blocks/000000/events/metrics/n_pred/c/0",
     ],
 )
-def test_deleted_or_truncated_file_is_refused_on_open(tmp_path, sharded, key):
+def test_deleted_or_truncated_file_is_refused_on_open(tmp_path, small_chunks, key):
     path = write(tmp_path / "c.zarr")
     block = int(key.split("/")[1])
     events = f"events {block * BLOCK}-{block * BLOCK + BLOCK - 1}"
@@ -144,10 +149,10 @@ def test_deleted_or_truncated_file_is_refused_on_open(tmp_path, sharded, key):
         CacheReader(path)
 
 
-def test_deleted_index_file_is_refused(tmp_path):
+def test_deleted_event_array_file_is_refused(tmp_path):
     path = write(tmp_path / "c.zarr")
-    (path / "index/hit_counts/c/0").unlink()
-    with pytest.raises(UserError, match=r"index/hit_counts/c/0 is missing \(the per-event index\)"):
+    (path / "blocks/000002/events/hit_offsets/c/0").unlink()
+    with pytest.raises(UserError, match=r"blocks/000002/events/hit_offsets/c/0 is missing \(events 10-14\)"):
         CacheReader(path)
 
 
@@ -163,9 +168,13 @@ def test_incomplete_cache_is_refused_with_resume_hint(tmp_path):
 def test_other_format_version_and_foreign_paths_are_refused(tmp_path):
     path = write(tmp_path / "c.zarr")
     meta = json.loads((path / "zarr.json").read_text())
-    meta["attributes"]["format_version"] = 2
+    meta["attributes"]["format_version"] = schema.FORMAT_VERSION - 1  # a cache of the previous layout
     (path / "zarr.json").write_text(json.dumps(meta))
-    with pytest.raises(UserError, match="has format version 2, this cachefeat reads version 1"):
+    with pytest.raises(
+        UserError,
+        match=rf"has format version {schema.FORMAT_VERSION - 1}, this cachefeat reads version "
+        rf"{schema.FORMAT_VERSION}: re-extract it with --overwrite$",
+    ):
         CacheReader(path)
     with pytest.raises(UserError, match="no cache at"):
         CacheReader(tmp_path / "missing.zarr")

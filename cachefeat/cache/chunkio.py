@@ -1,0 +1,193 @@
+"""Direct reads of a local cache's chunk files: the fast path of `CacheReader`'s reads.
+
+Through zarr-python a muon block (2,048 events, 18 MB decoded) read at 0.38 GB/s, while reading
+its files and checking their crc32c took 2.3 + 2.7 ms (about 3 GB/s): most of a read was
+zarr's per-array and per-codec work (event-loop hops, buffer prototypes, a copy per codec stage,
+the shard index) and the reader's concatenation. For the layouts the cache writes (regular chunk
+grid, default "/" chunk keys, codecs `bytes(little) [-> blosc] -> crc32c`, no sharding) this
+module reads the chunk files itself, straight into the caller's arrays: `os.readv` into the
+destination for uncompressed chunks, Blosc decompressing into it otherwise. Every chunk's
+crc32c is checked exactly as zarr checks it (over the stored bytes, little-endian, last 4
+bytes), and each array's zarr.json against the crc32c its block manifest recorded.
+
+A layout outside that subset (`parse_layout` returns None), or a store that is not a local
+directory, is read through zarr (`schema.read_arrays`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import google_crc32c
+import numpy as np
+from numcodecs import blosc
+
+CRC_BYTES = 4
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a chunk read needs from an array's zarr.json."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    chunk_rows: int
+    blosc: bool
+
+    @property
+    def row_bytes(self) -> int:
+        return self.dtype.itemsize * math.prod(self.shape[1:])
+
+
+def parse_layout(meta: dict) -> Layout | None:
+    """The `Layout` of an array's zarr.json, or None for a layout this module does not read."""
+    try:
+        if meta.get("zarr_format") != 3 or meta.get("node_type") != "array" or meta.get("storage_transformers"):
+            return None
+        grid, keys = meta["chunk_grid"], meta["chunk_key_encoding"]
+        if grid["name"] != "regular" or keys["name"] != "default":
+            return None
+        if (keys.get("configuration") or {}).get("separator", "/") != "/":
+            return None
+        shape = tuple(int(s) for s in meta["shape"])
+        chunks = tuple(int(c) for c in grid["configuration"]["chunk_shape"])
+        if not shape or len(chunks) != len(shape) or chunks[1:] != shape[1:] or chunks[0] < 1:
+            return None
+        codecs = meta["codecs"]
+        names = [c["name"] for c in codecs]
+        if names not in (["bytes", "crc32c"], ["bytes", "blosc", "crc32c"]):
+            return None
+        dtype = np.dtype(meta["data_type"])
+        if dtype.itemsize > 1 and (codecs[0].get("configuration") or {}).get("endian", "little") != "little":
+            return None
+        return Layout(shape, dtype.newbyteorder("<"), chunks[0], names[1] == "blosc")
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
+def chunk_key(index: int, ndim: int) -> str:
+    """Key of chunk `index` (along axis 0) of an array, relative to the array."""
+    return "c/" + "/".join([str(index)] + ["0"] * (ndim - 1))
+
+
+def check_crc(body: np.ndarray, stored: np.ndarray, what: str) -> int:
+    """Raise ValueError (zarr's message) unless crc32c(body) equals the little-endian `stored`."""
+    crc = google_crc32c.value(body)
+    if crc != int.from_bytes(stored.tobytes(), "little"):
+        raise ValueError(f"Stored and computed checksum do not match in {what}")
+    return crc
+
+
+def read_chunk(path: str, layout: Layout, index: int, lo: int, hi: int, dest: np.ndarray) -> None:
+    """Rows [lo, hi) of chunk `index` (rows relative to the chunk) into `dest`, a contiguous
+    uint8 array of (hi - lo) * row_bytes bytes."""
+    rb = layout.row_bytes
+    decoded = layout.chunk_rows * rb
+    full = lo == 0 and hi == layout.chunk_rows
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < CRC_BYTES or (not layout.blosc and size != decoded + CRC_BYTES):
+            raise ValueError(f"chunk {path} has {size} bytes, expected {decoded + CRC_BYTES}")
+        if full and not layout.blosc:  # the stored bytes are the rows: read them in place
+            tail = np.empty(CRC_BYTES, np.uint8)
+            got = os.readv(f.fileno(), [dest, tail])
+            body = dest
+        else:
+            buf = np.empty(size, np.uint8)
+            got = f.readinto(buf)
+            body, tail = buf[:-CRC_BYTES], buf[-CRC_BYTES:]
+    if got != size:
+        raise ValueError(f"chunk {path}: read {got} of {size} bytes")
+    check_crc(body, tail, str(path))
+    if not layout.blosc:
+        if not full:
+            dest[:] = body[lo * rb : hi * rb]
+        return
+    # Blosc 1 header: version, versionlz, flags, typesize, then nbytes (uint32 LE) at byte 4
+    if len(body) < 16 or int.from_bytes(body[4:8].tobytes(), "little") != decoded:
+        raise ValueError(f"chunk {path} decodes to the wrong size")
+    if full:
+        blosc.decompress(body, dest)
+    else:
+        dest[:] = np.frombuffer(blosc.decompress(body), np.uint8)[lo * rb : hi * rb]
+
+
+def chunk_reads(array_dir: str, layout: Layout, rows: slice, out: np.ndarray) -> list[tuple]:
+    """The `read_chunk` calls that fill `out` (C-contiguous, rows `rows` of the array) from `array_dir`."""
+    lo, hi = rows.start, rows.stop
+    if not 0 <= lo <= hi <= layout.shape[0]:
+        raise IndexError(f"rows {lo}-{hi} outside 0..{layout.shape[0]} of {array_dir}")
+    if out.shape != (hi - lo, *layout.shape[1:]) or out.dtype != layout.dtype or not out.flags.c_contiguous:
+        raise ValueError(f"destination {out.dtype} {out.shape} does not fit rows {lo}-{hi} of {array_dir}")
+    dest = out.reshape(-1).view(np.uint8)
+    cr, rb, ndim = layout.chunk_rows, layout.row_bytes, len(layout.shape)
+    calls = []
+    for index in range(lo // cr, -(-hi // cr)):
+        a, b = max(lo, index * cr), min(hi, (index + 1) * cr)
+        calls.append((os.path.join(array_dir, chunk_key(index, ndim)), layout, index, a - index * cr,
+                      b - index * cr, dest[(a - lo) * rb : (b - lo) * rb]))
+    return calls
+
+
+class LocalChunks:
+    """Chunk reads of the arrays of a local cache directory, with their layouts kept.
+
+    `files` maps store keys to the [size, crc32c] of the block manifests: an array's zarr.json
+    must match its entry before its layout is trusted.
+    """
+
+    def __init__(self, root: str | os.PathLike, files: dict[str, list]):
+        self.root = os.fspath(root)
+        self.files = files
+        self._layouts: dict[str, Layout | None] = {}
+
+    def layout(self, path: str) -> Layout | None:
+        """The layout of the array at `path` (None: read it through zarr). Raises ValueError when
+        its zarr.json differs from the manifest."""
+        if path not in self._layouts:
+            key = f"{path}/zarr.json"
+            with open(os.path.join(self.root, key), "rb") as f:
+                raw = f.read()
+            expected = self.files.get(key)
+            if expected is not None and [len(raw), google_crc32c.value(raw)] != list(expected):
+                raise ValueError(f"Stored and computed checksum do not match: {key} differs from its manifest")
+            self._layouts[path] = parse_layout(json.loads(raw))
+        return self._layouts[path]
+
+    def read_into(self, requests: list[tuple[str, slice, np.ndarray]]) -> list[BaseException | None]:
+        """Fill each `(array path, rows, out)` request; per request None or the first error."""
+        calls, owner = [], []
+        errors: list[BaseException | None] = [None] * len(requests)
+        for i, (path, rows, out) in enumerate(requests):
+            try:
+                layout = self.layout(path)
+                if layout is None:
+                    raise NotImplementedError(path)
+                found = chunk_reads(os.path.join(self.root, path), layout, rows, out)
+            except BaseException as exc:  # noqa: BLE001 - reported per request
+                errors[i] = exc
+                continue
+            calls += found
+            owner += [i] * len(found)
+        for i, exc in zip(owner, _run(calls)):
+            if exc is not None and errors[i] is None:
+                errors[i] = exc
+        return errors
+
+
+def _call(args) -> BaseException | None:
+    try:
+        read_chunk(*args)
+    except Exception as exc:  # noqa: BLE001 - reported per request
+        return exc
+    return None
+
+
+def _run(calls: list[tuple]) -> list[BaseException | None]:
+    """The chunk reads, one after another in the calling thread: on this 2-core VM a pool of 3
+    threads (reads releasing the GIL while another thread ran a crc32c) read a muon block in
+    7.35-8.07 ms against 6.50-7.25 ms serially (medians of 15 alternating rounds, two runs)."""
+    return [_call(c) for c in calls]
