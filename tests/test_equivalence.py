@@ -20,8 +20,9 @@ import torch
 
 from cachefeat.cache.frozen import FrozenBackbone
 from cachefeat.data.loading import open_events
+from cachefeat.head.checkpoint import build_head
 from cachefeat.model.checkpoint import load_checkpoint
-from cachefeat.training.train import build_head, train
+from cachefeat.training.train import train
 
 # float32 features differ between two batch compositions only by summation order (padding
 # changes the shapes the kernels see). Such differences scale with the magnitude of the values

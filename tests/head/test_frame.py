@@ -11,7 +11,8 @@ import torch
 
 from cachefeat.errors import UserError
 from cachefeat.head.inputs import from_model_outputs
-from cachefeat.head.regression import FRAME_CLAMP, RegressionHead, pair_weights, wrap_angle
+from cachefeat.head.metrics import wrap_angle
+from cachefeat.head.regression import FRAME_CLAMP, RegressionHead, pair_weights
 
 # The muon preset's raw hit fields.
 RAW = ["x", "y", "z", "r", "s", "eta", "phi", "u", "v", "layer"]
@@ -296,9 +297,8 @@ def test_pass_one_is_shared_through_the_pair_weights():
 
 
 def test_checkpoint_round_trip_and_a_checkpoint_of_another_kind(tmp_path):
-    from cachefeat.evaluation.predict import load_head
+    from cachefeat.head.checkpoint import load_head, save_head
     from cachefeat.model.checkpoint import load_model_state
-    from cachefeat.training.train import save_head
 
     head = make_head(11).eval()
     outputs, batch, target_index = make_tracks(11)

@@ -626,7 +626,7 @@ def test_raw_hit_fields_subset_equals_head_on_a_batch_with_only_those_fields(hit
 
 
 def test_raw_hit_fields_from_a_config():
-    from cachefeat.training.train import build_head
+    from cachefeat.head.checkpoint import build_head
 
     def config(**init_args):
         return {"head": {"class_path": "cachefeat.head.regression.RegressionHead",
@@ -685,8 +685,7 @@ def test_raw_targets_decode_encode_round_trip(inverse_fields):
 
 
 def test_options_survive_a_head_checkpoint(tmp_path):
-    from cachefeat.evaluation.predict import load_head
-    from cachefeat.training.train import save_head
+    from cachefeat.head.checkpoint import load_head, save_head
 
     head = make_head(7, hit_net="dense", raw_hit_fields=["z", "x"], targets="raw", raw_scale={"pt": 200.0},
                      hidden_dim=None).eval()
