@@ -54,6 +54,9 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 SCALING_EVENTS = 2048
 
 
+# --- the accelerator, the train state, the optimizer and its update ----------------------------
+
+
 def make_accelerator(run_dir: Path, mixed_precision: str = "no", gradient_accumulation_steps: int = 1,
                      device: str | None = None) -> Accelerator:
     """An Accelerator that runs data-parallel on CPUs (gloo) as well as GPUs.
@@ -450,6 +453,7 @@ class MetricsLog:
             accelerator.init_trackers(run_name, config=scalars)
 
     def write(self, history: list[dict]) -> None:
+        """Log the newest row of `history` (one dict per epoch) and rewrite both files with all rows."""
         if history and self.track:
             numbers = {k: float(v) for k, v in history[-1].items() if isinstance(v, int | float)}
             self.accelerator.log(numbers, step=len(history))
