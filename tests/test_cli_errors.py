@@ -56,8 +56,8 @@ def paths(tmp_path_factory, cache32, muon_config) -> dict:
     from cachefeat.config import instantiate
     from cachefeat.data.presets import get_preset
     from cachefeat.data.simulate import write_event_file
+    from cachefeat.head.checkpoint import build_head
     from cachefeat.model.checkpoint import load_checkpoint, load_model_state, save_checkpoint, weights_sha256
-    from cachefeat.training.train import build_head
 
     work = tmp_path_factory.mktemp("errors")
     p = {"work": work, "config": CONFIG, "ckpt": CHECKPOINT, "cache": Path(cache32.path)}

@@ -11,11 +11,11 @@ import pytest
 from cachefeat.cache.extract import EXTRACT_DEFAULTS
 from cachefeat.config import load_config, section
 from cachefeat.evaluation.predict import EVALUATE_DEFAULTS
+from cachefeat.head.checkpoint import build_head
 from cachefeat.model.hepattn import is_hepattn_block
 from cachefeat.training.pretrain import DEFAULTS as PRETRAIN_DEFAULTS
 from cachefeat.training.sweep import SWEEP_DEFAULTS
 from cachefeat.training.train import DEFAULTS as TRAIN_DEFAULTS
-from cachefeat.training.train import build_head
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 SECTIONS = {"extract": EXTRACT_DEFAULTS, "train": TRAIN_DEFAULTS, "pretrain": PRETRAIN_DEFAULTS,

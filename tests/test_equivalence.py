@@ -29,8 +29,9 @@ from cachefeat.cache.tolerance import (
     field_tolerances,
 )
 from cachefeat.data.loading import open_events
+from cachefeat.head.checkpoint import build_head
 from cachefeat.model.checkpoint import load_checkpoint
-from cachefeat.training.train import build_head, train
+from cachefeat.training.train import train
 
 # The tolerances are the table `cachefeat verify` uses (cachefeat/cache/tolerance.py, with the
 # measurements behind them): float32 values that differ by summation order only are compared

@@ -161,7 +161,7 @@ def verify_cache(config: dict, cache, checkpoint, input, *, events: int = 64, se
     from cachefeat.cache.reader import CacheReader
     from cachefeat.config import section
     from cachefeat.data.loading import open_events
-    from cachefeat.training.train import build_head
+    from cachefeat.head.checkpoint import build_head
 
     if events < 1:
         raise UserError(f"--events must be at least 1, got {events}")

@@ -1,1 +1,2 @@
-"""Evaluation: resolutions of the head's predictions, the classical helix-fit baseline, plots."""
+"""Evaluation: a trained head's predictions per query (`predict`), the classical helix-fit baseline
+(`trackfit`), plots; the resolutions themselves are `cachefeat.head.metrics`."""

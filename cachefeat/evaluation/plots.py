@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cachefeat.evaluation.metrics import wrap_angle
+from cachefeat.head.metrics import wrap_angle
 
 log = logging.getLogger(__name__)
 

@@ -26,9 +26,10 @@ import torch
 
 from cachefeat.config import Allowed, section
 from cachefeat.errors import UserError
-from cachefeat.evaluation.metrics import regression_metrics
 from cachefeat.evaluation.trackfit import fit_helices
+from cachefeat.head.checkpoint import load_head
 from cachefeat.head.inputs import HeadBatch
+from cachefeat.head.metrics import regression_metrics
 
 log = logging.getLogger(__name__)
 
@@ -43,28 +44,6 @@ COLUMNS = {
 }
 EVALUATE_DEFAULTS = {"bz": None, "fit": True}  # fit: false for data without solenoid hit coordinates
 EVALUATE_ALLOWED = {"bz": Allowed(none=True)}  # the field in tesla; its sign is the field's direction
-
-
-def load_head(path, device="cpu"):
-    """(RegressionHead in eval mode on `device`, checkpoint dict) from a `cachefeat train` head.ckpt.
-
-    The file holds {"state_dict": {"head." + k: v}, "head_config", "weights_sha256", ...}.
-    """
-    from cachefeat.head.regression import RegressionHead
-    from cachefeat.model.checkpoint import load_checkpoint, load_model_state
-
-    if not Path(path).is_file():
-        raise UserError(f"head checkpoint not found: {path}")
-    ckpt = load_checkpoint(path)
-    if "head_config" not in ckpt:
-        raise UserError(f"{path} is not a head checkpoint (no head_config); pass the head.ckpt that "
-                        "`cachefeat train` wrote")
-    try:
-        head = RegressionHead(**ckpt["head_config"])
-    except TypeError as exc:
-        raise UserError(f"{path}: its head_config does not fit this cachefeat's RegressionHead ({exc})") from exc
-    load_model_state(head, ckpt, prefix="head.")
-    return head.to(device).eval(), ckpt
 
 
 @torch.no_grad()

@@ -1,1 +1,2 @@
-"""The regression head: its inputs (`inputs.HeadBatch`) and its formula (`regression`)."""
+"""The regression head: its inputs (`inputs.HeadBatch`), its formula (`regression`), building it from a
+config and its checkpoints (`checkpoint`), and the resolutions of its predictions (`metrics`)."""

@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from cachefeat.config import DROPOUT, POSITIVE_INT, PROBABILITY, at_least, check_allowed, did_you_mean, one_of
 from cachefeat.errors import UserError
 from cachefeat.head.inputs import HeadBatch
+from cachefeat.head.metrics import wrap_angle
 
 IMPLS = ("sparse", "dense")
 # Logit given to (query, hit) pairs that a HeadBatch does not hold: sigmoid(-1e4) == 0 in float32.
@@ -142,11 +143,6 @@ def regression_mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, 
         in_dim = hidden_dim
     layers.append(nn.Linear(in_dim, out_dim))
     return nn.Sequential(*layers)
-
-
-def wrap_angle(x: Tensor) -> Tensor:
-    """Map angles (radians) into [-pi, pi)."""
-    return torch.remainder(x + math.pi, 2 * math.pi) - math.pi
 
 
 def _padding_index(hb: HeadBatch) -> tuple[int, int, int, Tensor, Tensor]:

@@ -51,10 +51,16 @@ def save_checkpoint(path: str | Path, model: nn.Module, config: dict, head: nn.M
     if head is not None:
         state.update({f"head.{k}": v.detach().cpu() for k, v in head.state_dict().items()})
         extra["head_config"] = head.head_config()
-    payload = {"state_dict": state, "config": config, "weights_sha256": weights_sha256(state), **extra}
+    atomic_save({"state_dict": state, "config": config, "weights_sha256": weights_sha256(state), **extra}, path)
+
+
+def atomic_save(obj, path: str | Path) -> None:
+    """`torch.save(obj)` under a temporary name in `path`'s folder, then renamed over `path`: a crash
+    mid-write leaves the previous file (or none), never a truncated one."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        torch.save(payload, tmp)
+        torch.save(obj, tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

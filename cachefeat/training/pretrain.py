@@ -7,32 +7,32 @@ trainable together, the head fed through the same `from_model_outputs` as the fr
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from cachefeat.config import POSITIVE_INT, above, at_least, instantiate, one_of, section
 from cachefeat.data.events import EventFile, bucketed_batches
 from cachefeat.errors import UserError
-from cachefeat.evaluation.metrics import regression_metrics
+from cachefeat.head.checkpoint import build_head
 from cachefeat.head.inputs import HeadBatch, from_model_outputs
+from cachefeat.head.metrics import regression_metrics
 from cachefeat.model.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from cachefeat.model.hepattn import is_hepattn_block
 from cachefeat.model.layers import count_parameters
 from cachefeat.model.metrics import event_metrics, summarize
-from cachefeat.training.accel import (
+from cachefeat.training.loop import (
     MIXED_PRECISION,
+    EpochStats,
     MetricsLog,
-    TrainState,
-    adamw,
-    load_last_checkpoint,
+    fit,
     make_accelerator,
-    optimizer_step,
+    prepare_trainee,
+    resumable,
     save_checkpoint_state,
+    train_step,
 )
 
 log = logging.getLogger(__name__)
@@ -103,10 +103,7 @@ def build_stage1(config: dict, joint: bool = False):
     """Instantiate the backbone (and the head when `joint`) from a config."""
     data = config["data"]
     backbone = instantiate(config["model"], "model", hit_fields=data["hit_fields"])
-    head = None
-    if joint:
-        head = instantiate(config["head"], "head", raw_fields=data["hit_fields"],
-                           particle_fields=data["particle_fields"])
+    head = build_head(config, data["hit_fields"], data["particle_fields"], seed=None) if joint else None
     return backbone, head
 
 
@@ -254,49 +251,25 @@ def pretrain(config: dict, train_path, val_path, run_dir, *, epochs: int | None 
     steps_per_epoch = len(bucketed_batches(train.hit_counts, settings["batch_size"], seed=0)) // world
     if steps_per_epoch == 0:
         raise ValueError("training file has fewer events than one global batch")
-    optimizer = adamw(step.parameters(), settings["lr"], settings["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=settings["lr"],
-                                                    total_steps=settings["epochs"] * steps_per_epoch)
-    # The scheduler stays outside prepare(): a prepared one advances once per process per step.
-    step, optimizer = accelerator.prepare(step, optimizer)
-    state = TrainState()
-    accelerator.register_for_checkpointing(state)
-    accelerator.register_for_checkpointing(scheduler)
-    if resume and load_last_checkpoint(accelerator, run_dir) is not None:
-        accelerator.print(f"resumed at epoch {state.epoch}, step {state.global_step}")
+    trainee = prepare_trainee(accelerator, step, settings["lr"], settings["weight_decay"],
+                              settings["epochs"] * steps_per_epoch)
+    state = resumable(accelerator, run_dir, trainee.scheduler, resume)
     metrics_log = MetricsLog(run_dir, accelerator, "pretrain", settings)
-    module = accelerator.unwrap_model(step)
+    module = trainee.module
 
-    last: dict = {}
-    while state.epoch < settings["epochs"]:
-        batches = rank_batches(bucketed_batches(train.hit_counts, settings["batch_size"],
-                                                seed=settings["seed"], epoch=state.epoch),
-                               accelerator.process_index, world)
-        start = time.perf_counter()
-        n_events, loss_sum, loss_n = 0, 0.0, 0
-        bar = tqdm(total=len(batches), initial=state.step_in_epoch, unit="batch", leave=False,
-                   desc=f"epoch {state.epoch + 1}/{settings['epochs']}",
-                   disable=not accelerator.is_local_main_process)
-        step.train()
-        for idx in batches[state.step_in_epoch:]:
-            batch = _to(train.read(idx), accelerator.device)
-            loss, _, parts = step(batch)
-            optimizer_step(accelerator, step, loss, optimizer, scheduler, settings["grad_clip"])
-            state.step_in_epoch += 1
-            state.global_step += 1
-            n_events += len(idx) * world
-            loss_sum += float(loss.detach())
-            loss_n += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum / loss_n:.4f}",
-                            ev_s=f"{n_events / (time.perf_counter() - start):.0f}")
-        bar.close()
-        elapsed = time.perf_counter() - start
-        val_metrics = validate(step, val, settings["batch_size"], accelerator)
-        state.epoch += 1
-        state.step_in_epoch = 0
-        last = {"epoch": state.epoch, "train_loss": loss_sum / max(loss_n, 1),
-                "events_per_s": n_events / elapsed, "lr": scheduler.get_last_lr()[0], **val_metrics}
+    def batches(epoch: int, start: int):
+        order = rank_batches(bucketed_batches(train.hit_counts, settings["batch_size"], seed=settings["seed"],
+                                              epoch=epoch), accelerator.process_index, world)
+        for idx in order[start:]:
+            yield _to(train.read(idx), accelerator.device)
+
+    def one_step(batch: dict) -> list[float]:
+        return train_step(accelerator, [trainee], lambda t: t.model(batch)[0], settings["grad_clip"]).tolist()
+
+    def end_epoch(stats: EpochStats) -> None:
+        val_metrics = validate(trainee.model, val, settings["batch_size"], accelerator)
+        last = {"epoch": state.epoch, "train_loss": stats.train_loss(), "events_per_s": stats.events_per_s,
+                "lr": trainee.scheduler.get_last_lr()[0], **val_metrics}
         state.history.append(last)
         accelerator.print(
             f"epoch {state.epoch}: train {last['train_loss']:.4f} val {last['val_loss']:.4f} "
@@ -309,9 +282,11 @@ def pretrain(config: dict, train_path, val_path, run_dir, *, epochs: int | None 
             save_checkpoint(run_dir / "stage1_last.ckpt", module.backbone, config, module.head, metrics=last)
         metrics_log.write(state.history)
         save_checkpoint_state(accelerator, run_dir, state.global_step)
+
+    fit(accelerator, state, [trainee], batches, one_step, end_epoch, epochs=settings["epochs"],
+        steps_per_epoch=steps_per_epoch, events_of=lambda batch: int(batch["event_id"].shape[0]))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     train.close()
     val.close()
-    return last
-
+    return state.history[-1] if state.history else {}

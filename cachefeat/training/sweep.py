@@ -56,26 +56,44 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from cachefeat.config import did_you_mean, one_of, section
 from cachefeat.errors import UserError
+from cachefeat.head.checkpoint import build_head, save_head_files
 from cachefeat.head.inputs import HeadBatch
-from cachefeat.head.regression import FRAMES, PairWeights, pair_weights
+from cachefeat.head.regression import PairWeights, RegressionHead, pair_weights
+from cachefeat.training.loop import (
+    EpochStats,
+    MetricsLog,
+    Trainee,
+    TrainState,
+    cache_source,
+    cache_val_batches,
+    check_floor,
+    evaluate_batches,
+    fit,
+    head_step,
+    make_accelerator,
+    prepare_trainee,
+    scaling_batch,
+    schedule_steps,
+    step_input,
+)
 
 log = logging.getLogger(__name__)
 
-# key -> (type, check, what the check requires)
-SWEEP_KEYS = {
-    "head.init_args.hidden_dim": (int, lambda v: v >= 1, ">= 1"),
-    "head.init_args.num_layers": (int, lambda v: v >= 1, ">= 1"),
-    "head.init_args.dropout": (float, lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
-    "head.init_args.assignment_threshold": (float, lambda v: 0.0 < v < 1.0, "in (0, 1)"),
-    "head.init_args.frame": (str, lambda v: v in FRAMES, f"one of {', '.join(FRAMES)}"),
-    "train.lr": (float, lambda v: v > 0.0, "> 0"),
-    "train.weight_decay": (float, lambda v: v >= 0.0, ">= 0"),
-    "train.seed": (int, lambda v: v >= 0, ">= 0"),
-}
+# What may differ between variants; each value is checked by the rule its owner declares
+# (`RegressionHead.ALLOWED`, train's `ALLOWED`).
+SWEEP_KEYS = (
+    "head.init_args.hidden_dim",
+    "head.init_args.num_layers",
+    "head.init_args.dropout",
+    "head.init_args.assignment_threshold",
+    "head.init_args.frame",
+    "train.lr",
+    "train.weight_decay",
+    "train.seed",
+)
 SWEEP_DEFAULTS = {"metric": "val_loss", "mode": "min", "grid": {}, "variants": []}
 SWEEP_ALLOWED = {"mode": one_of("min", "max")}
 _NAME = re.compile(r"^[A-Za-z0-9_.=+-]+$")
@@ -148,18 +166,12 @@ def _checked(key: str, value, where: str):
     if key not in SWEEP_KEYS:
         raise UserError(f"{where}: '{key}' cannot be swept{did_you_mean(key, SWEEP_KEYS)}; sweepable keys: "
                         f"{', '.join(SWEEP_KEYS)} (batch size, epochs and event order are shared)")
-    kind, check, requirement = SWEEP_KEYS[key]
-    if kind is str:
-        if not isinstance(value, str) or not check(value):
-            raise UserError(f"{where}: {key} must be {requirement}, not {value!r}")
-        return value
-    ok_type = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is int and not isinstance(value, int):
-        ok_type = False
-    if not ok_type or not check(kind(value)):
-        raise UserError(f"{where}: {key} must be {'an integer' if kind is int else 'a number'} {requirement}, "
-                        f"not {value!r}")
-    return kind(value)
+    from cachefeat.training.train import ALLOWED
+
+    owner, name = key.split(".")[0], key.rsplit(".", 1)[-1]
+    rule = RegressionHead.ALLOWED[name] if owner == "head" else ALLOWED[name]
+    rule.check(f"{where}: {key}", value)
+    return value if value is None or rule.integer or rule.choices else float(value)
 
 
 def _text(value) -> str:
@@ -197,14 +209,12 @@ class VariantHead(nn.Module):
 
 
 @dataclass
-class _Run:
-    """A variant being trained: its prepared model, optimizer and schedule, and history."""
+class _Run(Trainee):
+    """A variant being trained (a `Trainee`: its prepared `VariantHead`, the head as `module`, its
+    optimizer and schedule), its output folder, host seconds in its own steps and validations,
+    and its history."""
 
     variant: Variant
-    head: nn.Module
-    model: nn.Module
-    optimizer: object
-    scheduler: object
     run_dir: Path
     seconds: float = 0.0
     step_losses: list = field(default_factory=list)
@@ -229,16 +239,7 @@ def sweep(config: dict, run_dir, *, cache, val_cache, max_epochs: int | None = N
     """
     from cachefeat.cache.reader import CacheReader
     from cachefeat.model.metrics import summarize
-    from cachefeat.training.accel import make_accelerator
-    from cachefeat.training.sources import CacheMemorySource, CacheStreamSource, cache_fits_memory
-    from cachefeat.training.train import (
-        ALLOWED,
-        DEFAULTS,
-        SCALING_EVENTS,
-        check_cache,
-        evaluate_batches,
-        validation_batches,
-    )
+    from cachefeat.training.train import ALLOWED, DEFAULTS, check_cache
 
     started = time.perf_counter()
     sweep_conf = sweep_settings(config)
@@ -253,7 +254,6 @@ def sweep(config: dict, run_dir, *, cache, val_cache, max_epochs: int | None = N
     run_dir = Path(run_dir)
     accelerator = make_accelerator(run_dir, settings["mixed_precision"], settings["gradient_accumulation_steps"],
                                    device=device)
-    rank, world = accelerator.process_index, accelerator.num_processes
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -261,24 +261,10 @@ def sweep(config: dict, run_dir, *, cache, val_cache, max_epochs: int | None = N
     check_cache(reader, config, checkpoint_sha256=None, input_hash=None, allow_stale=allow_stale, what="cache")
     check_cache(val_reader, config, checkpoint_sha256=reader.fingerprint.get("checkpoint_sha256"),
                 input_hash=None, allow_stale=allow_stale, what="validation cache")
-    if data_mode == "auto":
-        data_mode = "memory" if cache_fits_memory(reader, settings["memory_budget_mb"]) else "stream"
-    if data_mode == "memory":
-        source = CacheMemorySource(reader, settings["batch_size"], settings["seed"], rank, world, accelerator.device)
-    elif data_mode == "stream":
-        source = CacheStreamSource(reader, settings["batch_size"], settings["seed"], rank, world)
-    else:
-        raise UserError(f"--data must be auto, memory or stream, not {data_mode!r}")
-    steps_per_epoch = source.num_batches(0)
-    if steps_per_epoch == 0:
-        raise UserError(f"fewer training events than one global batch of {settings['batch_size'] * world}")
-    total_steps = sum(source.num_batches(e) for e in range(settings["epochs"]))
-    total_steps //= settings["gradient_accumulation_steps"]
-    val_resident = val_reader.load(accelerator.device)
-    val_batches = [val_resident.batch(idx).float() for idx in
-                   validation_batches(val_reader.num_events, settings["batch_size"], rank, world)]
-    del val_resident
-    first = reader.read_events(0, min(reader.num_events, SCALING_EVENTS))
+    source, data_mode = cache_source(reader, data_mode, settings, accelerator)
+    steps_per_epoch, total_steps = schedule_steps(source, settings, accelerator.num_processes)
+    val_batches = cache_val_batches(val_reader, settings["batch_size"], accelerator)
+    first = scaling_batch(reader)
     frozen = {f"frozen_{k}": v for k, v in summarize(reader.metrics()).items()}
 
     runs = [_build_run(variant, reader, first, total_steps, accelerator, run_dir) for variant in variants]
@@ -291,13 +277,13 @@ def sweep(config: dict, run_dir, *, cache, val_cache, max_epochs: int | None = N
         for run in runs:
             run.run_dir.mkdir(parents=True, exist_ok=True)
             (run.run_dir / "config.json").write_text(json.dumps(run.variant.config, indent=1, default=str))
-    thresholds = sorted({run.head.assignment_threshold for run in runs})
+    thresholds = sorted({run.module.assignment_threshold for run in runs})
     workers = _worker_count(workers, len(runs), accelerator)
     accelerator.print(f"sweep: {len(runs)} variants over {reader.num_events:,} training events "
                       f"({data_mode}), {len(thresholds)} assignment threshold(s), {workers} worker thread(s)")
     with _variant_pool(workers) as pool:
         _sweep_epochs(runs, source, settings, steps_per_epoch, thresholds, val_batches, frozen, reader, accelerator,
-                      pool, max_steps, world)
+                      pool, max_steps)
     accelerator.wait_for_everyone()
 
     rows = results_table(runs, sweep_conf)
@@ -312,74 +298,52 @@ def sweep(config: dict, run_dir, *, cache, val_cache, max_epochs: int | None = N
 
 
 def _sweep_epochs(runs: list[_Run], source, settings: dict, steps_per_epoch: int, thresholds: list[float],
-                  val_batches: list, frozen: dict, reader, accelerator, pool, max_steps: int | None,
-                  world: int) -> None:
-    """The training loop: every batch steps every variant; after each epoch each variant is validated
-    and its head and metrics are written."""
-    from cachefeat.training.accel import MetricsLog
-    from cachefeat.training.train import evaluate_batches, save_head_files
+                  val_batches: list, frozen: dict, reader, accelerator, pool, max_steps: int | None) -> None:
+    """The training loop (`fit`): every batch steps every variant on the batch's pair weights, computed
+    once per threshold; after each epoch each variant is validated and its head and metrics are written."""
+    state = TrainState()  # not checkpointed: a sweep cannot be resumed
 
-    epoch, global_step, done = 0, 0, False
-    while epoch < settings["epochs"] and not done:
-        start = time.perf_counter()
-        n_events = 0
-        loss_sums = [0.0] * len(runs)
-        n_steps = 0
-        for run in runs:
-            run.model.train()
-        bar = tqdm(total=steps_per_epoch, unit="batch", leave=False, desc=f"epoch {epoch + 1}/{settings['epochs']}",
-                   disable=not accelerator.is_local_main_process)
-        for hb in source.batches(epoch):
-            hb = hb.to(accelerator.device).float().with_valid_targets_only()  # all the loss reads
-            step_losses = _train_step(runs, hb, thresholds, accelerator, settings["grad_clip"], pool)
-            for i, (run, value) in enumerate(zip(runs, step_losses)):
-                run.step_losses.append(value)
-                loss_sums[i] += value
-            if accelerator.sync_gradients:
-                global_step += 1
-            n_steps += 1
-            n_events += hb.num_events * world
-            bar.update(1)
-            bar.set_postfix(best_loss=f"{min(loss_sums) / n_steps:.4f}",
-                            ev_s=f"{n_events / (time.perf_counter() - start):.0f}")
-            if max_steps is not None and global_step >= max_steps:
-                done = True
-                break
-        bar.close()
-        elapsed = time.perf_counter() - start
-        if not done:
-            epoch += 1
-        vals = _each_variant(pool, runs, lambda run: evaluate_batches(run.model, val_batches, accelerator))
+    def each(work) -> list:
+        return _each_variant(pool, runs, work)
+
+    def step(hb: HeadBatch) -> list[float]:
+        hb = step_input(hb, accelerator.device)
+        pairs = {tau: pair_weights(hb, tau) for tau in thresholds}
+        losses = head_step(accelerator, runs, hb, settings["grad_clip"], each=each,
+                           predict=lambda run, batch: run.model(batch, pairs[run.module.assignment_threshold]))
+        for run, value in zip(runs, losses):
+            run.step_losses.append(value)
+        return losses
+
+    def end_epoch(stats: EpochStats) -> None:
+        vals = each(lambda run: evaluate_batches(run.model, val_batches, accelerator))
         for i, (run, val) in enumerate(zip(runs, vals)):
-            last = {"epoch": epoch, "step": global_step, "train_loss": loss_sums[i] / max(n_steps, 1),
-                    "events_per_s": n_events / max(elapsed, 1e-9), "lr": run.scheduler.get_last_lr()[0],
-                    **val, **frozen}
+            last = {"epoch": state.epoch, "step": state.global_step, "train_loss": stats.train_loss(i),
+                    "events_per_s": stats.events_per_s, "lr": run.scheduler.get_last_lr()[0], **val, **frozen}
             run.history.append(last)
-            accelerator.print(f"epoch {epoch + int(done)} {run.variant.name}: train {last['train_loss']:.4f} "
-                              f"val {last['val_loss']:.4f}")
+            accelerator.print(f"epoch {state.epoch + int(stats.stopped)} {run.variant.name}: "
+                              f"train {last['train_loss']:.4f} val {last['val_loss']:.4f}")
             MetricsLog(run.run_dir, accelerator, run.variant.name, {}, track=False).write(run.history)
             if accelerator.is_main_process:
-                save_head_files(run.run_dir, run.head, run.variant.config, reader.fingerprint, last, None)
+                save_head_files(run.run_dir, run.module, run.variant.config, reader.fingerprint, last, None)
+
+    fit(accelerator, state, runs, source.batches, step, end_epoch, epochs=settings["epochs"],
+        steps_per_epoch=steps_per_epoch, events_of=lambda hb: hb.num_events, max_steps=max_steps)
 
 
 def _build_run(variant: Variant, reader, first: HeadBatch, total_steps: int, accelerator, run_dir: Path) -> _Run:
     """A variant's head, optimizer and schedule, built and prepared exactly as `train(...)` does."""
-    from cachefeat.training.accel import adamw
-    from cachefeat.training.train import ALLOWED, DEFAULTS, build_head
+    from cachefeat.training.train import ALLOWED, DEFAULTS
 
     own = section(variant.config, "train", DEFAULTS, ALLOWED)
     head = build_head(variant.config, list(reader.raw_fields), list(reader.particle_fields), seed=own["seed"])
     if head.impl != "sparse":
         raise UserError("sweep trains the sparse head: set head.init_args.impl to sparse")
-    floor = float(reader.settings.get("floor", 0.0))
-    if head.assignment_threshold < floor:
-        raise UserError(f"variant {variant.name}: head.assignment_threshold {head.assignment_threshold} is "
-                        f"below the cache floor {floor}: pairs between them were not stored")
+    check_floor(head, reader, f"variant {variant.name}: ")
     head.fit_scaling(first.targets, first.target_valid, first)
-    optimizer = adamw(head.parameters(), own["lr"], own["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=own["lr"], total_steps=max(total_steps, 1) + 1)
-    model, optimizer = accelerator.prepare(VariantHead(head), optimizer)  # the scheduler stays out, as in train
-    return _Run(variant, head, model, optimizer, scheduler, Path(run_dir) / variant.name)
+    trainee = prepare_trainee(accelerator, VariantHead(head), own["lr"], own["weight_decay"], total_steps, head)
+    return _Run(trainee.model, trainee.module, trainee.optimizer, trainee.scheduler, variant,
+                Path(run_dir) / variant.name)
 
 
 def _worker_count(requested: int | None, num_variants: int, accelerator) -> int:
@@ -425,25 +389,6 @@ def _each_variant(pool, runs: list[_Run], work) -> list:
     return list(pool.map(timed, runs))
 
 
-def _train_step(runs: list[_Run], hb: HeadBatch, thresholds: list[float], accelerator, grad_clip: float,
-                pool) -> list:
-    """One optimizer step of every variant on the batch `hb`; returns their losses (mean over ranks)."""
-    from cachefeat.training.accel import optimizer_step
-    from cachefeat.training.train import global_mean_loss
-
-    pairs = {tau: pair_weights(hb, tau) for tau in thresholds}
-
-    def step(run: _Run) -> Tensor:
-        pred = run.model(hb, pairs[run.head.assignment_threshold])
-        loss = global_mean_loss(run.head.loss(pred, hb), hb, accelerator)
-        optimizer_step(accelerator, run.model, loss, run.optimizer, run.scheduler, grad_clip)
-        return loss.detach()
-
-    with accelerator.accumulate(*[run.model for run in runs]):
-        losses = _each_variant(pool, runs, step)
-    return accelerator.gather(torch.stack(losses)[None]).mean(0).tolist()
-
-
 def results_table(runs: list[_Run], settings: dict) -> list[dict]:
     """One row per variant, best first by settings["metric"] (each variant's best epoch; NaN ranks last)."""
     metric, sign = settings["metric"], 1.0 if settings["mode"] == "min" else -1.0
@@ -458,7 +403,7 @@ def results_table(runs: list[_Run], settings: dict) -> list[dict]:
         row[f"best_{metric}"] = history[best][metric]
         row["best_epoch"] = history[best]["epoch"]
         row["best_val_loss"] = min(h["val_loss"] for h in history)
-        for target in run.head.target_fields:
+        for target in run.module.target_fields:
             for suffix in ("rel_res68", "accuracy", "res68", "rmse"):
                 key = f"val_{target}_{suffix}"
                 if key in history[best]:

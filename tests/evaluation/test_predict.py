@@ -12,8 +12,8 @@ import torch
 import yaml
 
 from cachefeat.errors import UserError
-from cachefeat.evaluation.metrics import regression_metrics
 from cachefeat.head.inputs import HeadBatch
+from cachefeat.head.metrics import regression_metrics
 
 HIT_FIELDS = ["x", "y", "z", "r", "s", "eta", "phi", "u", "v", "layer"]
 PARTICLE_FIELDS = ["pt", "eta", "phi", "q", "vz"]
@@ -38,7 +38,7 @@ C_LIGHT = 0.299792458
 
 def save_head(path, head, cache_fingerprint):
     """A head checkpoint written by the trainer's own writer."""
-    from cachefeat.training.train import save_head as write_head
+    from cachefeat.head.checkpoint import save_head as write_head
 
     write_head(path, head, CONFIG, cache_fingerprint, {})
 

@@ -8,24 +8,17 @@ import math
 import numpy as np
 import pytest
 import torch
+from head_testing import close, close_grad, perturbed_head
+from head_testing import dense_args as _dense_args
 
 from cachefeat.errors import UserError
 from cachefeat.head.inputs import from_model_outputs
-from cachefeat.head.regression import FRAME_CLAMP, RegressionHead, pair_weights, wrap_angle
+from cachefeat.head.metrics import wrap_angle
+from cachefeat.head.regression import FRAME_CLAMP, RegressionHead, pair_weights
 
 # The muon preset's raw hit fields.
 RAW = ["x", "y", "z", "r", "s", "eta", "phi", "u", "v", "layer"]
 PARTICLE = ["pt", "eta", "phi", "q", "vz"]
-RTOL, ATOL = 1e-5, 1e-6
-
-
-def close(a, b):
-    torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
-
-
-def close_grad(a, b):
-    scale = b.abs().max().item() if b.numel() else 0.0
-    torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL * max(1.0, scale))
 
 
 def hits_of(phi, eta, r, layer):
@@ -73,21 +66,12 @@ def make_tracks(seed, B=3, N=3, M=12, D=8, P=3, hit_counts=None, seam=False):
 
 
 def dense_args(outputs, batch):
-    hit_raw = torch.stack([batch[f"hit_{f}"] for f in RAW], dim=-1)
-    return outputs["query_embed"], outputs["hit_embed"], hit_raw, outputs["track_hit_logit"], batch["hit_valid"]
+    return _dense_args(outputs, batch, RAW)
 
 
 def make_head(seed, D=8, tau=0.1, **kw):
-    torch.manual_seed(seed)
-    kw.setdefault("hidden_dim", 16)
     kw.setdefault("inverse_fields", ["pt"])
-    head = RegressionHead(RAW, PARTICLE, dim=D, assignment_threshold=tau, frame="track", **kw)
-    with torch.no_grad():
-        for m in head.modules():
-            if isinstance(m, torch.nn.LayerNorm):
-                m.weight.add_(torch.randn_like(m.weight) * 0.3)
-                m.bias.add_(torch.randn_like(m.bias) * 0.3)
-    return head
+    return perturbed_head(seed, RAW, PARTICLE, D, tau, frame="track", **kw)
 
 
 def grads(out, head, leaves, seed=0):
@@ -296,9 +280,8 @@ def test_pass_one_is_shared_through_the_pair_weights():
 
 
 def test_checkpoint_round_trip_and_a_checkpoint_of_another_kind(tmp_path):
-    from cachefeat.evaluation.predict import load_head
+    from cachefeat.head.checkpoint import load_head, save_head
     from cachefeat.model.checkpoint import load_model_state
-    from cachefeat.training.train import save_head
 
     head = make_head(11).eval()
     outputs, batch, target_index = make_tracks(11)

@@ -7,6 +7,8 @@ import math
 
 import pytest
 import torch
+from head_testing import close, close_grad, perturbed_head
+from head_testing import dense_args as _dense_args
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,18 +18,6 @@ from cachefeat.head.regression import RegressionHead, StreamDropout, SwiGLU, den
 
 RAW = ["x", "y", "z", "r"]
 PARTICLE = ["pt", "eta", "phi", "q", "vz"]
-RTOL, ATOL = 1e-5, 1e-6
-
-
-def close(a, b):
-    torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
-
-
-def close_grad(a, b):
-    """Gradient entries are sums whose rounding error scales with the summed terms, not with
-    the (possibly cancelled) result: the absolute tolerance is scaled by the tensor's largest entry."""
-    scale = b.abs().max().item() if b.numel() else 0.0
-    torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL * max(1.0, scale))
 
 
 def make_padded(seed, B=3, N=3, M=12, D=8, P=3, hit_counts=None, logit_scale=3.0, logit_shift=0.0):
@@ -57,21 +47,11 @@ def make_padded(seed, B=3, N=3, M=12, D=8, P=3, hit_counts=None, logit_scale=3.0
 
 
 def dense_args(outputs, batch):
-    hit_raw = torch.stack([batch[f"hit_{f}"] for f in RAW], dim=-1)
-    return outputs["query_embed"], outputs["hit_embed"], hit_raw, outputs["track_hit_logit"], batch["hit_valid"]
+    return _dense_args(outputs, batch, RAW)
 
 
 def make_head(seed, D=8, tau=0.1, **kw):
-    torch.manual_seed(seed)
-    kw.setdefault("hidden_dim", 16)
-    head = RegressionHead(RAW, PARTICLE, dim=D, assignment_threshold=tau, **kw)
-    # LayerNorm starts at weight 1 / bias 0; perturb so its parameters matter in the gradients.
-    with torch.no_grad():
-        for m in head.modules():
-            if isinstance(m, torch.nn.LayerNorm):
-                m.weight.add_(torch.randn_like(m.weight) * 0.3)
-                m.bias.add_(torch.randn_like(m.bias) * 0.3)
-    return head
+    return perturbed_head(seed, RAW, PARTICLE, D, tau, **kw)
 
 
 def grads(out, head, leaves, seed=0):
@@ -581,7 +561,7 @@ def test_dense_hit_net_equals_hepattn_dense(hepattn_dense, net):
 @pytest.mark.parametrize("impl", ["sparse", "dense"])
 def test_head_with_dense_hit_nets_equals_head_with_hepattn_dense(hepattn_dense, impl):
     """The whole head (float32, both paths) with its hit nets replaced by hepattn's Dense blocks
-    holding the same weights: same outputs and gradients (the file's RTOL / ATOL)."""
+    holding the same weights: same outputs and gradients (head_testing's RTOL / ATOL)."""
     D = 8
     head = make_head(2, D=D, hit_net="dense", impl=impl)
     theirs = copy.deepcopy(head)
@@ -626,7 +606,7 @@ def test_raw_hit_fields_subset_equals_head_on_a_batch_with_only_those_fields(hit
 
 
 def test_raw_hit_fields_from_a_config():
-    from cachefeat.training.train import build_head
+    from cachefeat.head.checkpoint import build_head
 
     def config(**init_args):
         return {"head": {"class_path": "cachefeat.head.regression.RegressionHead",
@@ -685,8 +665,7 @@ def test_raw_targets_decode_encode_round_trip(inverse_fields):
 
 
 def test_options_survive_a_head_checkpoint(tmp_path):
-    from cachefeat.evaluation.predict import load_head
-    from cachefeat.training.train import save_head
+    from cachefeat.head.checkpoint import load_head, save_head
 
     head = make_head(7, hit_net="dense", raw_hit_fields=["z", "x"], targets="raw", raw_scale={"pt": 200.0},
                      hidden_dim=None).eval()

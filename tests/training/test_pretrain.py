@@ -7,7 +7,7 @@ import torch
 
 from cachefeat.cache.frozen import FrozenBackbone
 from cachefeat.cli import main
-from cachefeat.evaluation.predict import load_head
+from cachefeat.head.checkpoint import load_head
 from cachefeat.model.checkpoint import load_checkpoint
 
 

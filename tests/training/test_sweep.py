@@ -17,7 +17,7 @@ import yaml
 from cachefeat.cli import main
 from cachefeat.errors import UserError
 from cachefeat.model.checkpoint import load_checkpoint
-from cachefeat.training import train as train_module
+from cachefeat.training import loop as loop_module
 from cachefeat.training.sweep import sweep, sweep_variants
 from cachefeat.training.train import train
 
@@ -112,8 +112,8 @@ def test_each_variant_equals_its_separate_run(muon_config, cache32, val_cache32,
     report = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
 
     # The sweep's event order comes from the base seed: the separate run of "deep" must use it too.
-    source = train_module.CacheMemorySource
-    monkeypatch.setattr(train_module, "CacheMemorySource",
+    source = loop_module.CacheMemorySource
+    monkeypatch.setattr(loop_module, "CacheMemorySource",
                         lambda reader, batch, seed, *rest: source(reader, batch, config["train"]["seed"], *rest))
     variants = sweep_variants(config)
     assert len({(v.value("head.init_args.hidden_dim"), v.value("head.init_args.num_layers"))

@@ -1,17 +1,23 @@
-"""Track-parameter resolutions: the numbers a physicist reads off a regression.
+"""Track-parameter resolutions: the numbers a physicist reads off a regression, and `wrap_angle`.
 
-All inputs are physical values (pt in GeV, angles in rad, q = ±1) as numpy arrays [K]
-over the same K matched tracks.
+`regression_metrics` inputs are physical values (pt in GeV, angles in rad, q = ±1) as numpy
+arrays [K] over the same K matched tracks.
 """
 
 from __future__ import annotations
 
+import math
+from typing import TypeVar
+
 import numpy as np
 
+Angles = TypeVar("Angles")  # a torch.Tensor or a numpy array (any shape), returned as the same type
 
-def wrap_angle(x: np.ndarray) -> np.ndarray:
-    """Map angles (rad) into [-pi, pi)."""
-    return (x + np.pi) % (2 * np.pi) - np.pi
+
+def wrap_angle(x: Angles) -> Angles:
+    """Map angles (rad) into [-pi, pi), elementwise: a torch Tensor (any shape and float dtype,
+    differentiable) or a numpy array, returned as the same type, shape and dtype."""
+    return (x + math.pi) % (2 * math.pi) - math.pi
 
 
 def regression_metrics(pred: dict[str, np.ndarray], true: dict[str, np.ndarray]) -> dict[str, float]:
