@@ -98,7 +98,8 @@ class TrainState:
 
 def adamw(parameters, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """The AdamW of every trainer: the fused kernel (one pass over all parameters instead of a Python
-    loop over them; about 1 ms less per step of the 53k-parameter head on one CPU thread)."""
+    loop over them): for the 53k-parameter head, 1.17 -> 0.17 ms per optimizer step on this project's
+    2-core CPU with one thread (measured 2026-11-26, alternating, same process)."""
     return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=True)
 
 
