@@ -40,6 +40,7 @@ from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from cachefeat.config import POSITIVE_INT, above, at_least, one_of
 from cachefeat.errors import UserError
 from cachefeat.head.inputs import HeadBatch
 from cachefeat.head.metrics import regression_metrics
@@ -49,6 +50,16 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 MIXED_PRECISION = ("no", "bf16", "fp16")
+# The ranges of the settings the loop itself reads, shared by the trainers' sections (train, pretrain).
+LOOP_ALLOWED = {
+    "epochs": POSITIVE_INT,
+    "batch_size": POSITIVE_INT,
+    "lr": above(0.0),
+    "weight_decay": at_least(0.0),
+    "grad_clip": at_least(0.0),  # 0: no clipping
+    "mixed_precision": one_of(*MIXED_PRECISION),
+    "seed": at_least(0, integer=True),
+}
 # Target scaling (mean/std) is fitted on the matched targets of the first SCALING_EVENTS training
 # events, in both cache and live mode: cache event i is input event i, so both get the same numbers.
 SCALING_EVENTS = 2048

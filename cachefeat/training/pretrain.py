@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cachefeat.config import POSITIVE_INT, above, at_least, instantiate, one_of, section
+from cachefeat.config import at_least, instantiate, section
 from cachefeat.data.events import EventFile, bucketed_batches
 from cachefeat.errors import UserError
 from cachefeat.head.checkpoint import build_head
@@ -24,7 +24,7 @@ from cachefeat.model.hepattn import is_hepattn_block
 from cachefeat.model.layers import count_parameters
 from cachefeat.model.metrics import event_metrics, summarize
 from cachefeat.training.loop import (
-    MIXED_PRECISION,
+    LOOP_ALLOWED,
     EpochStats,
     MetricsLog,
     fit,
@@ -49,16 +49,7 @@ DEFAULTS = {
     "head_loss_weight": 1.0,
     "init": None,
 }
-ALLOWED = {
-    "epochs": POSITIVE_INT,
-    "batch_size": POSITIVE_INT,
-    "lr": above(0.0),
-    "weight_decay": at_least(0.0),
-    "grad_clip": at_least(0.0),  # 0: no clipping
-    "mixed_precision": one_of(*MIXED_PRECISION),
-    "seed": at_least(0, integer=True),
-    "head_loss_weight": at_least(0.0),
-}
+ALLOWED = {**LOOP_ALLOWED, "head_loss_weight": at_least(0.0)}
 
 
 class Stage1Step(nn.Module):

@@ -18,14 +18,14 @@ import torch
 from torch import nn
 
 from cachefeat.cache.fingerprint import check_cache
-from cachefeat.config import POSITIVE_INT, above, at_least, one_of, section, stable_hash
+from cachefeat.config import POSITIVE_INT, at_least, section, stable_hash
 from cachefeat.errors import UserError
 from cachefeat.head.checkpoint import build_head, save_head_files
 from cachefeat.head.inputs import concat
 from cachefeat.model.layers import count_parameters
 from cachefeat.model.metrics import summarize
 from cachefeat.training.loop import (
-    MIXED_PRECISION,
+    LOOP_ALLOWED,
     SCALING_EVENTS,
     EpochStats,
     MetricsLog,
@@ -61,14 +61,8 @@ DEFAULTS = {
     "checkpoint_every_epochs": 1,
 }
 ALLOWED = {
-    "epochs": POSITIVE_INT,
-    "batch_size": POSITIVE_INT,
-    "lr": above(0.0),
-    "weight_decay": at_least(0.0),
-    "grad_clip": at_least(0.0),  # 0: no clipping
+    **LOOP_ALLOWED,
     "gradient_accumulation_steps": POSITIVE_INT,
-    "mixed_precision": one_of(*MIXED_PRECISION),
-    "seed": at_least(0, integer=True),
     "memory_budget_mb": at_least(0.0),
     "checkpoint_every_epochs": POSITIVE_INT,
 }
