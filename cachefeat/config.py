@@ -302,7 +302,9 @@ def build_tree(block: dict, base: type, where: str):
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--tree", type=base)
     try:
-        return parser.instantiate_classes(parser.parse_object({"tree": block})).tree
+        # `instantiate` since jsonargparse 4.49 (which deprecates `instantiate_classes` with a warning)
+        instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
+        return instantiate(parser.parse_object({"tree": block})).tree
     except Exception as exc:  # jsonargparse reports bad trees as several exception types
         what = " ".join(str(exc).split())[:500] or type(exc).__name__
         raise UserError(f"cannot build config '{where}' ({block.get('class_path', '?')}): {what}") from exc
