@@ -47,14 +47,13 @@ class FrozenBackbone:
     """
 
     def __init__(self, config: dict, checkpoint_path, device="cpu", precision: str = "fp32"):
+        from cachefeat.data.loading import data_settings
         from cachefeat.model.backbone import build_backbone
         from cachefeat.model.checkpoint import load_checkpoint, load_model_state
 
         if precision not in PRECISIONS:
             raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, not '{precision}'")
-        data = config.get("data") or {}
-        if "hit_fields" not in data or "particle_fields" not in data:
-            raise UserError("config needs data.hit_fields and data.particle_fields")
+        data = data_settings(config)
         if "model" not in config:
             raise UserError("config has no 'model' section")
         self.hit_fields = list(data["hit_fields"])

@@ -15,11 +15,10 @@ from cachefeat.errors import UserError
 
 def build_backbone(config: dict) -> nn.Module:
     """The backbone of `config["model"]`, with random weights, reading `data.hit_fields`."""
+    from cachefeat.data.loading import data_settings
     from cachefeat.model.hepattn import HepattnBackbone, is_hepattn_block, settings
 
-    data = config.get("data") or {}
-    if "hit_fields" not in data:
-        raise UserError("config needs data.hit_fields")
+    data = data_settings(config)
     if "model" not in config:
         raise UserError("config has no 'model' section")
     block = config["model"]
