@@ -55,6 +55,11 @@ TARGETS = {
     "cache read / memcpy": ("cache_read_vs_memcpy", ">=", 0.5),
     "sweep K=8 vs 8 separate cached runs": ("sweep_k8_vs_separate", ">=", 2.6),
     "sweep K=8 vs 8 live frozen runs": ("sweep_k8_vs_live", ">=", 100.0),
+    # issue 11, when hepattn is importable (None otherwise)
+    "hepattn extraction / hepattn's frozen forward": ("hepattn_extract_vs_forward", ">=", 0.85),
+    "hepattn extraction / forward, model build excluded": (
+        "hepattn.extract_vs_forward_without_model_build", ">=", 0.85),
+    "hepattn cached memory / live stage 2": ("hepattn_speedup_cached_memory_vs_live", ">=", 50.0),
 }
 MODE_LABELS = {
     "joint": "joint (backbone + head)",
@@ -149,7 +154,7 @@ def settings_from_env(name: str = "muon") -> BenchSettings:
     gpu = device == "cuda"
     if name == "muon":
         base = dict(config="configs/muon.yaml", checkpoint="data/muon_stage1.ckpt", preset="muon",
-                    n_train=2048, n_val=256, n_extract=512, target_val_loss=0.26, max_epochs=10)
+                    n_train=2048, n_val=256, n_extract=2048, target_val_loss=0.26, max_epochs=10)
     elif name == "trackml":
         checkpoint = os.environ.get("CACHEFEAT_BENCH_TRACKML_CHECKPOINT", "")
         base = dict(config="configs/trackml.yaml", checkpoint=checkpoint, preset="trackml",

@@ -10,6 +10,11 @@ speed does not depend on the weights' quality), events from its data module (`du
 - `hepattn_speedup_cached_memory_vs_live`: `cachefeat train` over the cache in memory vs the live
   hepattn stage 2 (`--source live`, the frozen forward on every batch): same head, same batches,
   same steps; the last of 2 epochs of each (no validation), rounds alternate, medians.
+  A live step is the live source's batch (data module read, frozen forward, matching,
+  sparsification) plus the same head step, so the rounds also time the live source's batches of
+  one epoch alone (`hepattn.live_batches_events_per_s`); `hepattn.speedup_ceiling` = 1 + cached
+  rate / that rate is the ratio live / cached would have if the live step cost only its batch plus
+  the cached step.
 """
 
 from __future__ import annotations
@@ -112,10 +117,13 @@ def test_hepattn_cached_vs_live(hep, bench_settings, results):
     for split in ("train", "val"):
         caches[split] = work / f"{split}.zarr"
         extract(config, ckpt, DataSplit(split), caches[split], mode="overwrite", device=device, progress=False)
-    rates = {"cached_memory": [], "live": []}
+    rates = {"cached_memory": [], "live": [], "live_batches": []}
     for r in range(ROUNDS):
         for mode in rates:
             _reset_accelerate()
+            if mode == "live_batches":
+                rates[mode].append(_live_batches_rate(config, ckpt, device))
+                continue
             kwargs = (dict(source="cache", cache=caches["train"], val_cache=caches["val"], data_mode="memory")
                       if mode == "cached_memory" else
                       dict(source="live", checkpoint=ckpt, input=DataSplit("train"), val_input=DataSplit("val")))
@@ -124,5 +132,26 @@ def test_hepattn_cached_vs_live(hep, bench_settings, results):
             rates[mode].append(last["events_per_s"])
     _reset_accelerate()
     medians = {mode: statistics.median(values) for mode, values in rates.items()}
-    results.setdefault("hepattn", {}).update(train_events_per_s=medians, train_rounds=rates)
+    live_batches = medians.pop("live_batches")
+    results.setdefault("hepattn", {}).update(train_events_per_s=medians, train_rounds=rates,
+                                             live_batches_events_per_s=live_batches,
+                                             speedup_ceiling=1.0 + medians["cached_memory"] / live_batches)
     results["hepattn_speedup_cached_memory_vs_live"] = medians["cached_memory"] / medians["live"]
+
+
+def _live_batches_rate(config, ckpt, device) -> float:
+    """Events/s of the live source alone over the second epoch's batches (what `train --source live`
+    runs before each head step), with train's batch size and seed."""
+    from cachefeat.cache.frozen import FrozenBackbone
+    from cachefeat.data.datamodule import DataSplit
+    from cachefeat.data.loading import open_events
+    from cachefeat.training.sources import LiveSource
+
+    settings, head = config["train"], config["head"]["init_args"]
+    frozen = FrozenBackbone(config, ckpt, device=device)
+    source = LiveSource(frozen, open_events(config, DataSplit("train")), settings["batch_size"], settings["seed"],
+                        0, 1, head["assignment_threshold"], device)
+    start, events = time.perf_counter(), 0
+    for hb in source.batches(epoch=1):
+        events += hb.num_events
+    return events / (time.perf_counter() - start)
