@@ -55,11 +55,13 @@ TARGETS = {
     "cache read / memcpy": ("cache_read_vs_memcpy", ">=", 0.5),
     "sweep K=8 vs 8 separate cached runs": ("sweep_k8_vs_separate", ">=", 2.6),
     "sweep K=8 vs 8 live frozen runs": ("sweep_k8_vs_live", ">=", 100.0),
-    # issue 11, when hepattn is importable (None otherwise)
+    # issue 11, when hepattn is importable (None otherwise): its generated events, then simulated ones
     "hepattn extraction / hepattn's frozen forward": ("hepattn_extract_vs_forward", ">=", 0.85),
     "hepattn extraction / forward, model build excluded": (
         "hepattn.extract_vs_forward_without_model_build", ">=", 0.85),
     "hepattn cached memory / live stage 2": ("hepattn_speedup_cached_memory_vs_live", ">=", 50.0),
+    "hepattn, simulated events: extraction / forward": ("hepattn_sim_extract_vs_forward", ">=", 0.85),
+    "hepattn, simulated events: cached memory / live": ("hepattn_sim_speedup_cached_memory_vs_live", ">=", 50.0),
 }
 MODE_LABELS = {
     "joint": "joint (backbone + head)",

@@ -1,6 +1,13 @@
 """The hepattn path side by side (when hepattn is importable): the real ATLAS-muon MaskFormer of
-configs/hepattn_muon.yaml with a Lightning checkpoint from hepattn's own training (4 steps: the
-speed does not depend on the weights' quality), events from its data module (`dummy_data`).
+configs/hepattn_muon.yaml with a Lightning checkpoint from hepattn's own training (4 steps, or
+CACHEFEAT_BENCH_HEPATTN_CHECKPOINT for the simulated events), on two event sets read by its
+data module: `dummy` (its generated events, 10-100 random hits; results under `hepattn`) and
+`sim` (`cachefeat simulate --layout atlas-muon` muon events, ~350 hits, read by its real data
+path; results under `hepattn_sim`, half as many events).
+
+The head's work grows with the pairs above the assignment threshold, so the cached step's cost
+depends on the stage 1: a 4-step checkpoint passes nearly every (query, hit) pair (the results
+record `pairs_per_event`), a trained tracker about the hits on its tracks.
 
 - `hepattn_extract_vs_forward`: `cachefeat extract` of the training split vs hepattn's own frozen
   forward (the MaskFormer under inference_mode) over the same events in the same batches, each
@@ -32,23 +39,40 @@ ROOT = Path(__file__).resolve().parents[1]
 ROUNDS = 3
 
 
-@pytest.fixture(scope="module")
-def hep(hepattn_src, bench_settings, tmp_path_factory):
+DATASETS = {"dummy": "hepattn", "sim": "hepattn_sim"}  # event set -> results key
+
+
+@pytest.fixture(scope="module", params=list(DATASETS))
+def hep(request, hepattn_src, bench_settings, tmp_path_factory):
+    import os
+
     import yaml
 
     from cachefeat.config import load_config
+    from cachefeat.data.atlas_muon import write_atlas_muon_dir
+    from cachefeat.data.presets import PRESETS
 
-    n = max(bench_settings.n_train, 256)
-    config = load_config(ROOT / "configs" / "hepattn_muon.yaml", [
-        f"data.module.init_args.num_train={n}", "data.module.init_args.num_val=256",
-        f"train.batch_size={bench_settings.batch_size}"])
-    work = tmp_path_factory.mktemp("hepattn_bench")
+    dataset = request.param
+    work = tmp_path_factory.mktemp(f"hepattn_bench_{dataset}")
+    n = max(bench_settings.n_train // (2 if dataset == "sim" else 1), 256)
+    overrides = [f"data.module.init_args.num_train={n}", "data.module.init_args.num_val=256",
+                 f"train.batch_size={bench_settings.batch_size}"]
+    if dataset == "sim":
+        for split, events, seed in (("train", n, bench_settings.seed), ("val", 256, bench_settings.seed + 1)):
+            write_atlas_muon_dir(work / split, PRESETS["muon"], events, seed)
+        overrides += ["data.module.init_args.dummy_data=false", f"data.module.init_args.train_dir={work / 'train'}",
+                      f"data.module.init_args.val_dir={work / 'val'}", f"data.module.init_args.test_dir={work / 'val'}",
+                      "data.module.init_args.num_test=256"]
+    config = load_config(ROOT / "configs" / "hepattn_muon.yaml", overrides)
     path = work / "hepattn_muon.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    run = subprocess.run([sys.executable, str(ROOT / "tests" / "fit_hepattn_stage1.py"), str(path), str(work / "fit"),
-                          "4"], capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return {"config": config, "checkpoint": run.stdout.strip().splitlines()[-1], "work": work, "n_train": n}
+    checkpoint = os.environ.get("CACHEFEAT_BENCH_HEPATTN_CHECKPOINT") if dataset == "sim" else None
+    if not checkpoint:
+        run = subprocess.run([sys.executable, str(ROOT / "tests" / "fit_hepattn_stage1.py"), str(path),
+                              str(work / "fit"), "4"], capture_output=True, text=True, timeout=900)
+        assert run.returncode == 0, run.stderr[-3000:]
+        checkpoint = run.stdout.strip().splitlines()[-1]
+    return {"config": config, "checkpoint": checkpoint, "work": work, "n_train": n, "key": DATASETS[dataset]}
 
 
 def _reset_accelerate():
@@ -101,10 +125,11 @@ def test_hepattn_extract_vs_forward(benchmark, hep, bench_settings, results):
         n = hep["n_train"]
         extract_s, build = benchmark.stats.stats.median, statistics.median(build_s)
         forward_rate = n / statistics.median(forward_s[1:])
-        results.setdefault("hepattn", {}).update(
+        results.setdefault(hep["key"], {}).update(
             extract_events_per_s=n / extract_s, forward_events_per_s=forward_rate, n_events=n, model_build_s=build,
-            extract_vs_forward_without_model_build=n / (extract_s - build) / forward_rate)
-        results["hepattn_extract_vs_forward"] = n / extract_s / forward_rate
+            extract_vs_forward_without_model_build=n / (extract_s - build) / forward_rate,
+            pairs_per_event=summary["pairs"] / n, hits_per_event=summary["valid_hits"] / n)
+        results[f"{hep['key']}_extract_vs_forward"] = n / extract_s / forward_rate
 
 
 def test_hepattn_cached_vs_live(hep, bench_settings, results):
@@ -133,10 +158,10 @@ def test_hepattn_cached_vs_live(hep, bench_settings, results):
     _reset_accelerate()
     medians = {mode: statistics.median(values) for mode, values in rates.items()}
     live_batches = medians.pop("live_batches")
-    results.setdefault("hepattn", {}).update(train_events_per_s=medians, train_rounds=rates,
+    results.setdefault(hep["key"], {}).update(train_events_per_s=medians, train_rounds=rates,
                                              live_batches_events_per_s=live_batches,
                                              speedup_ceiling=1.0 + medians["cached_memory"] / live_batches)
-    results["hepattn_speedup_cached_memory_vs_live"] = medians["cached_memory"] / medians["live"]
+    results[f"{hep['key']}_speedup_cached_memory_vs_live"] = medians["cached_memory"] / medians["live"]
 
 
 def _live_batches_rate(config, ckpt, device) -> float:
