@@ -15,7 +15,9 @@ Environment: CACHEFEAT_BENCH_DEVICE (cpu | cuda, default cpu), CACHEFEAT_BENCH_S
 the event counts, default 1), CACHEFEAT_BENCH_BATCH (training batch size; default 256, the batch of
 every reference run, whatever the config's train.batch_size), CACHEFEAT_BENCH_THREADS (torch
 intra-op threads; default 1 on cpu, 0 = torch's default on cuda), CACHEFEAT_BENCH_RESULTS (results folder, default
-benchmarks/results), CACHEFEAT_BENCH_DATA (data folder, default benchmarks/.data).
+benchmarks/results), CACHEFEAT_BENCH_DATA (data folder, default benchmarks/.data),
+CACHEFEAT_BENCH_ROUNDS (timed rounds of every timing, at least 3; default 3 for joint training,
+5 for the others: a budget knob for the TrackML set on a CPU, where one live round is minutes).
 """
 
 from __future__ import annotations
@@ -63,6 +65,16 @@ TARGETS = {
     "hepattn, simulated events: extraction / forward": ("hepattn_sim_extract_vs_forward", ">=", 0.85),
     "hepattn, simulated events: cached memory / live": ("hepattn_sim_speedup_cached_memory_vs_live", ">=", 50.0),
 }
+# TrackML scale (`test_bench_trackml.py`; no dense head there), its targets and its required keys.
+TRACKML_MODES = ("live_frozen_sparse", "cached_stream", "cached_memory")
+TRACKML_TARGETS = {
+    "cache / dense f32 (float32 embeddings)": ("cache_over_dense.float32", "<=", 0.15),
+    "cache / dense f32 (float16 embeddings)": ("cache_over_dense.float16", "<=", 0.10),
+}
+TRACKML_REQUIRED_KEYS = (
+    "train_events_per_s", "extract_events_per_s", "forward_events_per_s", "cache_bytes_per_event",
+    "dense_bytes_per_event", "peak_rss_mb", "machine",
+)
 MODE_LABELS = {
     "joint": "joint (backbone + head)",
     "live_frozen_dense": "live frozen, dense head",
@@ -166,16 +178,20 @@ def settings_from_env(name: str = "muon") -> BenchSettings:
     try:
         batch = int(os.environ.get("CACHEFEAT_BENCH_BATCH") or REFERENCE_BATCH)
         threads = int(os.environ.get("CACHEFEAT_BENCH_THREADS") or (0 if gpu else 1))
+        rounds = int(os.environ.get("CACHEFEAT_BENCH_ROUNDS") or 0)
     except ValueError:
-        raise UserError("CACHEFEAT_BENCH_BATCH and CACHEFEAT_BENCH_THREADS must be integers") from None
-    if scale <= 0 or batch < 1 or threads < 0:
-        raise UserError("CACHEFEAT_BENCH_SCALE must be > 0, CACHEFEAT_BENCH_BATCH >= 1, CACHEFEAT_BENCH_THREADS >= 0")
+        raise UserError("CACHEFEAT_BENCH_BATCH, CACHEFEAT_BENCH_THREADS and CACHEFEAT_BENCH_ROUNDS must be "
+                        "integers") from None
+    if scale <= 0 or batch < 1 or threads < 0 or (rounds and rounds < 3):
+        raise UserError("CACHEFEAT_BENCH_SCALE must be > 0, CACHEFEAT_BENCH_BATCH >= 1, CACHEFEAT_BENCH_THREADS >= 0, "
+                        "CACHEFEAT_BENCH_ROUNDS >= 3")
     return BenchSettings(
         name=name, config=base["config"], checkpoint=base["checkpoint"], preset=base["preset"],
         n_train=max(round(base["n_train"] * scale), batch), n_val=max(round(base["n_val"] * scale), 1),
         n_extract=max(round(base["n_extract"] * scale), 1), batch_size=batch, seed=1, device=device,
-        threads=threads, joint_steps=4 if gpu else 1, joint_rounds=3, live_steps=8 if gpu else 1, live_rounds=5,
-        cached_rounds=5, timing_rounds=5, rss_steps=1, target_val_loss=base["target_val_loss"],
+        threads=threads, joint_steps=4 if gpu else 1, joint_rounds=rounds or 3, live_steps=8 if gpu else 1,
+        live_rounds=rounds or 5, cached_rounds=rounds or 5, timing_rounds=rounds or 5, rss_steps=1,
+        target_val_loss=base["target_val_loss"],
         max_epochs=base["max_epochs"],
     )
 
@@ -578,6 +594,7 @@ def _ratio(a, b):
 def finalize(results: dict) -> dict:
     """The summary: the measured `results` plus the derived ratios, time to target and target checks."""
     s = dict(results)
+    s["trackml_only"] = trackml_only(results)
     rates = s.get("train_events_per_s", {})
     live = rates.get("live_frozen_dense")
     s["speedup_cached_memory_vs_live_frozen"] = _ratio(rates.get("cached_memory"), live)
@@ -607,13 +624,45 @@ def finalize(results: dict) -> dict:
         value = _get(s, key)
         met = None if value is None else (value >= threshold if op == ">=" else value <= threshold)
         s["targets"][name] = {"key": key, "value": value, "target": f"{op} {threshold:g}", "met": met}
-    s["missing"] = [k for k in REQUIRED_KEYS if _get(s, k) is None]
+    s["missing"] = [] if s["trackml_only"] else _missing(s, REQUIRED_KEYS, MODES)
+    if isinstance(s.get("trackml"), dict):
+        s["trackml"] = _finalize_trackml(s["trackml"])
+        s["missing"] += [f"trackml.{k}" for k in s["trackml"]["missing"]]
+    return s
+
+
+def trackml_only(results: dict) -> bool:
+    """Whether the run measured the TrackML set alone (`-k trackml`; `results` as measured, before
+    `finalize`): then it is complete without the muon set's keys, and its report shows the TrackML
+    section only."""
+    return isinstance(results.get("trackml"), dict) and not set(results) - {"trackml", "session_wall_s"}
+
+
+def _missing(s: dict, required, modes) -> list[str]:
+    missing = [k for k in required if _get(s, k) is None]
     for k in ("train_events_per_s", "peak_rss_mb"):
         if isinstance(s.get(k), dict):
-            s["missing"] += [f"{k}.{m}" for m in MODES if m not in s[k]]
+            missing += [f"{k}.{m}" for m in modes if m not in s[k]]
     if isinstance(s.get("cache_bytes_per_event"), dict):
-        s["missing"] += [f"cache_bytes_per_event.{d}" for d in DTYPES if d not in s["cache_bytes_per_event"]]
-    return s
+        missing += [f"cache_bytes_per_event.{d}" for d in DTYPES if d not in s["cache_bytes_per_event"]]
+    return missing
+
+
+def _finalize_trackml(results: dict) -> dict:
+    """The TrackML section with its derived ratios, target checks and missing keys."""
+    t = {k: v for k, v in results.items() if k not in ("targets", "missing")}
+    rates = t.get("train_events_per_s", {})
+    live = rates.get("live_frozen_sparse")
+    t["speedup_cached_memory_vs_live_frozen_sparse"] = _ratio(rates.get("cached_memory"), live)
+    t["speedup_cached_stream_vs_live_frozen_sparse"] = _ratio(rates.get("cached_stream"), live)
+    t["extract_vs_forward"] = _ratio(t.get("extract_events_per_s"), t.get("forward_events_per_s"))
+    t["targets"] = {}
+    for name, (key, op, threshold) in TRACKML_TARGETS.items():
+        value = _get(t, key)
+        met = None if value is None else (value >= threshold if op == ">=" else value <= threshold)
+        t["targets"][name] = {"key": key, "value": value, "target": f"{op} {threshold:g}", "met": met}
+    t["missing"] = _missing(t, TRACKML_REQUIRED_KEYS, TRACKML_MODES)
+    return t
 
 
 def write_results(summary: dict, folder: Path) -> list[Path]:
@@ -654,7 +703,74 @@ def _fmt(value, digits: int = 3) -> str:
 
 
 def markdown(s: dict) -> str:
-    """The summary as a markdown report."""
+    """The summary as a markdown report (with its TrackML section, or only that for a TrackML-only run)."""
+    if s.get("trackml_only"):
+        return "\n".join(markdown_trackml(s["trackml"], top=True)).rstrip() + "\n"
+    text = _markdown_muon(s)
+    if isinstance(s.get("trackml"), dict):
+        text += "\n" + "\n".join(markdown_trackml(s["trackml"], top=False)).rstrip() + "\n"
+    return text
+
+
+def markdown_trackml(t: dict, top: bool) -> list[str]:
+    """The TrackML section of the report as lines (`top`: as the whole report, else a section)."""
+    h = "#" if top else "##"
+    m = t.get("machine") or {}
+    st = t.get("settings") or {}
+    rates = t.get("train_events_per_s") or {}
+    live = rates.get("live_frozen_sparse")
+    plan = t.get("train_plan") or {}
+    lines = [
+        f"{h} cachefeat benchmarks (trackml)",
+        "",
+        f"{m.get('device_name', '?')} ({m.get('device', '?')}); {m.get('cores', '?')} cores, "
+        f"{m.get('torch_threads', '?')} torch thread(s), torch {m.get('torch', '?')}, zarr {m.get('zarr', '?')}; "
+        f"load average {_fmt(m.get('load_average_1min'))} at the start. Checkpoint `{st.get('checkpoint', '?')}`; "
+        f"{st.get('n_train', '?')} training events, {st.get('n_extract', '?')} extraction events, "
+        f"batch size {st.get('batch_size', '?')}. Throughputs are medians of timed rounds after a warm-up round.",
+        "",
+        f"#{h} Training throughput",
+        "",
+        "| mode | events/s | vs live frozen sparse | rounds × steps |",
+        "|---|---:|---:|---:|",
+    ]
+    for mode in TRACKML_MODES:
+        r, p = rates.get(mode), plan.get(mode)
+        lines.append(f"| {MODE_LABELS[mode]} | {_fmt(r)} | {_fmt(_ratio(r, live))}× | "
+                     f"{'–' if not p else f'{p[1]} × {p[0]}'} |")
+    lines += ["", f"#{h} Targets", "", "| measure | value | target | met |", "|---|---:|---:|:---:|"]
+    for name, target in (t.get("targets") or {}).items():
+        lines.append(f"| {name} | {_fmt(target['value'])} | {target['target']} | {_fmt(target['met'])} |")
+    bpe = t.get("cache_bytes_per_event") or {}
+    lines += [
+        "", f"#{h} Extraction and cache size", "", "| measure | value |", "|---|---:|",
+        f"| extraction (events/s) | {_fmt(t.get('extract_events_per_s'))} |",
+        f"| pure frozen forward (events/s) | {_fmt(t.get('forward_events_per_s'))} |",
+        f"| extraction / forward | {_fmt(t.get('extract_vs_forward'))} |",
+        f"| extraction host time beyond the forward (ms/event) | {_fmt(t.get('extract_host_ms_per_event'))} |",
+        *(f"| cache bytes per event ({d}) | {_fmt(v)} |" for d, v in bpe.items()),
+        f"| dense float32 bytes per event | {_fmt(t.get('dense_bytes_per_event'))} |",
+        *(f"| cache / dense ({d}) | {_fmt(v)} |" for d, v in (t.get("cache_over_dense") or {}).items()),
+        *(f"| compression ratio ({d}) | {_fmt(v)} |" for d, v in (t.get("compression_ratio") or {}).items()),
+        *(f"| {k} per event (kept) | {_fmt(v)} |" for k, v in (t.get("counts_per_event") or {}).items()),
+    ]
+    by_array = t.get("stored_bytes_per_event_by_array") or {}
+    if by_array:
+        dtypes = list(by_array)
+        lines += ["", f"#{h} Stored bytes per event by array", "",
+                  "| array | " + " | ".join(dtypes) + " |", "|---|" + "---:|" * len(dtypes)]
+        for key in by_array[dtypes[0]]:
+            lines.append(f"| {key} | " + " | ".join(_fmt(by_array[d].get(key)) for d in dtypes) + " |")
+    lines += ["", f"#{h} Peak resident memory (fresh process, MB)", "", "| mode | MB |", "|---|---:|",
+              *(f"| {MODE_LABELS.get(k, k)} | {_fmt(v)} |" for k, v in (t.get("peak_rss_mb") or {}).items())]
+    if t.get("rss_idle_mb") is not None:
+        lines.append(f"| (python + torch + cachefeat imported, nothing run) | {_fmt(t['rss_idle_mb'])} |")
+    if t.get("missing"):
+        lines += ["", f"Not measured in this run: {', '.join(t['missing'])}."]
+    return lines
+
+
+def _markdown_muon(s: dict) -> str:
     m = s.get("machine") or {}
     st = s.get("settings") or {}
     rates = s.get("train_events_per_s") or {}
@@ -727,7 +843,8 @@ def markdown(s: dict) -> str:
     known = set(REQUIRED_KEYS) | {"settings", "targets", "missing", "time_to_target", "train_plan", "rss_idle_mb",
                                   "cache_over_dense", "compression_ratio", "cache_read_vs_memcpy", "data",
                                   "speedup_cached_memory_vs_live_frozen_sparse", "session_wall_s",
-                                  "cache_read_gbps_by_dtype", "cache_read_bytes", "peak_cuda_mb"}
+                                  "cache_read_gbps_by_dtype", "cache_read_bytes", "peak_cuda_mb", "trackml",
+                                  "trackml_only"}
     extra = {k: v for k, v in s.items() if k not in known}
     if extra:
         lines += ["", "## Other results", ""]
