@@ -85,7 +85,7 @@ def _s3(url: str, read_only: bool) -> Store:
     try:
         s3 = S3Store(bucket, prefix=prefix.strip("/") or None, client_options=options)
     except Exception as exc:  # obstore's configuration errors (e.g. a malformed endpoint)
-        raise UserError(f"{url}: cannot configure the S3 client: {_one_line(exc)}") from exc
+        raise UserError(f"{url}: cannot configure the S3 client: {one_line(exc)}") from exc
     return ObjectStore(s3, read_only=read_only)
 
 
@@ -94,19 +94,25 @@ def _probe(store: Store, where: str) -> None:
     try:
         sync(store.exists("zarr.json"))
     except Exception as exc:
-        raise UserError(f"cannot reach {where}: {_one_line(exc)}") from exc
+        raise UserError(f"cannot reach {where}: {one_line(exc)}") from exc
 
 
-def _one_line(exc: BaseException) -> str:
-    """The first line of an exception's message (obstore's run to a debug dump), at most 300 characters."""
+def one_line(exc: BaseException) -> str:
+    """An exception as `Type: first line of its message` (obstore's messages run on into a debug
+    dump), the message cut at 300 characters."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:300] if text else ''}"
 
 
 def describe(location) -> str:
-    """How to name a cache location in messages."""
+    """How to name a cache location in messages (an S3 store as its s3:// URL)."""
     if isinstance(location, LocalStore):
         return str(location.root)
+    if isinstance(location, XRootDStore):
+        return location.url
+    bucket = getattr(getattr(location, "store", None), "config", {}).get("bucket")
+    if bucket and type(location.store).__name__ == "S3Store":
+        return f"s3://{bucket}/{location.store.prefix or ''}".rstrip("/")
     return str(location) if not isinstance(location, Store) else repr(location)
 
 
@@ -122,7 +128,8 @@ def create_exclusive(store: Store, key: str, data: bytes) -> bool:
 
     The storage decides, so two writers racing for the same key cannot both win: O_CREAT|O_EXCL
     on a local directory, an open with `OpenFlags.NEW` on xrootd, a conditional PUT
-    (If-None-Match: *) on S3."""
+    (If-None-Match: *) on S3. On a server, a refusal (no permission, no such bucket) is a
+    UserError naming the key; on a local directory the OSError is raised as it is."""
     if isinstance(store, LocalStore):
         path = Path(store.root) / key
         try:
@@ -132,16 +139,22 @@ def create_exclusive(store: Store, key: str, data: bytes) -> bool:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         return True
+    try:
+        return sync(_create_remote(store, key, data))
+    except Exception as exc:
+        if not isinstance(exc, OSError) and not type(exc).__module__.startswith("obstore"):
+            raise
+        raise UserError(f"cannot create {describe(store)}/{key}: {one_line(exc)}") from exc
+
+
+async def _create_remote(store: Store, key: str, data: bytes) -> bool:
     if isinstance(store, XRootDStore):
-        return sync(store.create_exclusive(key, data))
+        return await store.create_exclusive(key, data)
     import obstore
     from obstore.exceptions import AlreadyExistsError
 
-    async def put():
-        await obstore.put_async(store.store, key, data, mode="create")
-
     try:
-        sync(put())
+        await obstore.put_async(store.store, key, data, mode="create")
     except AlreadyExistsError:
         return False
     return True

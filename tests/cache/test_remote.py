@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from cachefeat.cache import CacheReader
-from cachefeat.cache.schema import node_attributes
+from cachefeat.cache.schema import list_keys, node_attributes
 from cachefeat.cli import main
 from cachefeat.errors import UserError
 
@@ -134,6 +134,7 @@ def test_kill_then_resume(remote, cache, config_file, checkpoint, events_file, r
     with pytest.raises(UserError, match="incomplete"):
         CacheReader(url)
     assert main(["extract", *args, "--resume"]) == 0
+    assert not [k for k in list_keys(CacheReader(url)._store, "") if k.endswith(".partial") or k == ".lock"]
     local, there = ref.cache_arrays(cache), ref.cache_arrays(url)
     for key in local:
         np.testing.assert_array_equal(there[key], local[key], err_msg=key)
@@ -172,3 +173,9 @@ def test_unreachable_s3(assert_cli_error, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
     monkeypatch.setenv("AWS_REGION", "us-east-1")
     assert_cli_error(["info", "s3://bucket/nothing.zarr"], "cannot reach s3://bucket/nothing.zarr")
+
+
+def test_missing_bucket(s3_server, config_file, checkpoint, events_file, ref, assert_cli_error):
+    url = "s3://no-such-bucket/cache.zarr"
+    assert_cli_error(["extract", *ref.extract_args(config_file, checkpoint, events_file, url)],
+                     f"cannot create {url}/.lock: FileNotFoundError")
