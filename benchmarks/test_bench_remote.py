@@ -1,4 +1,4 @@
-"""Caches at a URL: the full read of the float32 training cache through `CacheReader` from a local
+"""Caches at a URL. Reads: the full read of the float32 training cache through `CacheReader` from a local
 xrootd server and a local S3 server (moto), against a raw read of the same chunk objects from
 the same server with its plain client (no decoding, no checks), as many requests in flight.
 
@@ -6,7 +6,7 @@ The servers are the root conftest's session fixtures (skipped without their pack
 alternate raw and cache reads, so that drifts of this shared machine hit both; medians are
 reported. Keys: `remote_read` (per server: raw and cache MB/s of the stored bytes, decoded
 GB/s) and `remote_read_vs_raw` (per server: raw time / cache time, the issue's target >= 0.5
-on xrootd).
+on xrootd). Writes: `remote_write` (per server: CacheWriter's MB/s there and to a local directory).
 """
 
 from __future__ import annotations
@@ -103,3 +103,42 @@ def test_remote_read(kind, request, bench_data, results):
         "raw_s_median": raw, "cache_s_median": cache, "rounds": ROUNDS,
     }
     results.setdefault("remote_read_vs_raw", {})[kind] = raw / cache
+
+
+@pytest.mark.parametrize("kind", ["xrootd", "s3"])
+def test_remote_write(kind, request, bench_data, results):
+    """The writer's rate to a server: the float32 cache's blocks (read from disk first) through
+    CacheWriter to a fresh URL, against the same writes to a local directory; 3 alternating rounds."""
+    import tempfile
+
+    from cachefeat.cache.reader import CacheReader
+    from cachefeat.cache.writer import CacheWriter
+
+    server = request.getfixturevalue(f"{kind}_server")
+    source = CacheReader(bench_data.caches["float32"])
+    blocks = [(b, source.read_block(b)) for b in range(source.num_blocks)]
+    metrics = source.metrics()
+    args = dict(fingerprint=source.fingerprint, settings=source.settings, raw_fields=source.raw_fields,
+                particle_fields=source.particle_fields, dim=source.dim, embed_dtype=source.embed_dtype,
+                num_events=source.num_events, metric_names=source.metric_names, block_size=source.block_size)
+
+    def write(location) -> tuple[float, int]:
+        started = time.perf_counter()
+        writer = CacheWriter(location, **args)
+        for block, hb in blocks:
+            lo, hi = writer.block_range(block)
+            writer.write_block(block, hb, {k: v[lo:hi] for k, v in metrics.items()})
+        writer.finalize()
+        return time.perf_counter() - started, writer.bytes_written
+
+    remote_s, local_s = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(3):
+            seconds, nbytes = write(server.url(f"bench-write-{i}.zarr"))
+            remote_s.append(seconds)
+            local_s.append(write(f"{tmp}/local-{i}.zarr")[0])
+    remote, local = statistics.median(remote_s), statistics.median(local_s)
+    results.setdefault("remote_write", {})[kind] = {
+        "stored_bytes": nbytes, "remote_MBps": nbytes / remote / 1e6, "local_MBps": nbytes / local / 1e6,
+        "remote_s_median": remote, "local_s_median": local, "rounds": 3,
+    }

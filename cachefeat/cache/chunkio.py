@@ -235,12 +235,13 @@ class StoreChunks:
         (NotImplementedError for a layout this module does not read)."""
         return sync(self._read_into(requests))
 
-    async def _get(self, key: str) -> bytes | None:
+    async def _get(self, key: str) -> np.ndarray | None:
+        """The stored bytes of `key` (uint8, a view of the store's buffer: not copied), None if missing."""
         try:
             buf = await self.store.get(key, prototype=default_buffer_prototype())
         except Exception as exc:
             raise FetchError(f"cannot fetch {key}: {exc}") from exc
-        return None if buf is None else buf.to_bytes()
+        return None if buf is None else buf.as_numpy_array().view(np.uint8).reshape(-1)
 
     async def _read_into(self, requests) -> list[BaseException | None]:
         errors: list[BaseException | None] = [None] * len(requests)
@@ -250,7 +251,8 @@ class StoreChunks:
             try:
                 if isinstance(raw, BaseException):
                     raise raw
-                self._layouts[path] = checked_layout(raw, f"{path}/zarr.json", self.files)
+                self._layouts[path] = checked_layout(None if raw is None else raw.tobytes(), f"{path}/zarr.json",
+                                                     self.files)
             except BaseException as exc:  # noqa: BLE001 - reported per request, not kept
                 for i, request in enumerate(requests):
                     if request[0] == path:
@@ -273,7 +275,7 @@ class StoreChunks:
                 data = await self._get(key)
             if data is None:
                 raise ValueError(f"chunk {key} is missing")
-            decode_chunk(np.frombuffer(data, np.uint8), layout, lo, hi, dest, key)
+            decode_chunk(data, layout, lo, hi, dest, key)
 
         results = await asyncio.gather(*(fetch(i, *c) for i, c in calls), return_exceptions=True)
         for (i, _), result in zip(calls, results):

@@ -85,7 +85,8 @@ def test_extract_to_url(remote, cache, config_file, checkpoint, events_file, ref
 
 
 def test_train_from_url(remote, cache, config_file, tmp_path, run_cli):
-    """train over a cache at a URL gives the head that training over the local copy gives."""
+    """train over a cache at a URL, streamed block by block (reads from prefetch threads), gives the
+    head that training over the local copy gives (memory mode reads as `cache_arrays` does)."""
     url = upload(remote, cache)
     heads = []
     for name, location in (("local", cache), ("remote", url)):
@@ -93,7 +94,7 @@ def test_train_from_url(remote, cache, config_file, tmp_path, run_cli):
 
         AcceleratorState._reset_state(reset_partial_state=True)
         rc, out, err = run_cli(["train", "--config", config_file, "--cache", location, "--val-cache", location,
-                                "--output", tmp_path / name, "--data", "memory", "--max-steps", "2",
+                                "--output", tmp_path / name, "--data", "stream", "--max-steps", "3",
                                 "--batch-size", "8", "--device", "cpu"])
         assert rc == 0, err
         heads.append(torch.load(tmp_path / name / "head.ckpt", map_location="cpu", weights_only=False))
