@@ -99,10 +99,6 @@ class XRootDStore(Store):
     def _error(self, status, what: str, key: str) -> XRootDError:
         return XRootDError(f"xrootd {what} {self.server}/{self._abs(key)}: {status.message.strip()}")
 
-    async def _open(self):
-        """No connection is opened up front: the client connects on the first request."""
-        self._is_open = True
-
     # --- reads ----------------------------------------------------------------------------
 
     async def get(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None) -> Buffer | None:
@@ -129,8 +125,8 @@ class XRootDStore(Store):
                         size = info.size - offset
                     else:
                         raise ValueError(f"unexpected byte range {byte_range!r}")
-                    if size == 0:
-                        return prototype.buffer.from_bytes(b"")
+                if size <= 0:  # an empty range (a read of size 0 would read the whole file)
+                    return prototype.buffer.from_bytes(b"")
             status, data = await _call(f.read, offset, size)
             if not status.ok:
                 raise self._error(status, "read", key)

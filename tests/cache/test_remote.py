@@ -180,3 +180,49 @@ def test_missing_bucket(s3_server, config_file, checkpoint, events_file, ref, as
     url = "s3://no-such-bucket/cache.zarr"
     assert_cli_error(["extract", *ref.extract_args(config_file, checkpoint, events_file, url)],
                      f"cannot create {url}/.lock: FileNotFoundError")
+
+
+def test_xrootd_store_answers_as_a_memory_store(xrootd_server):
+    """XRootDStore against zarr's MemoryStore (the reference) on the same operations: gets (whole,
+    ranges, missing), listings, sizes, deletes; then its exclusive create (MemoryStore has none)."""
+    from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.buffer.cpu import Buffer
+    from zarr.core.sync import sync
+    from zarr.storage import MemoryStore
+
+    from cachefeat.cache.store import create_exclusive
+    from cachefeat.cache.xrootd import XRootDStore
+
+    stores = [XRootDStore(fresh(xrootd_server, "store")), MemoryStore()]
+    proto = default_buffer_prototype()
+    keys = {"zarr.json": b"{}", "a/zarr.json": b"[1]", "a/c/0": bytes(range(200)), "a/c/1": b"", "b/x": b"xyz"}
+
+    def run(store):
+        async def ops():
+            for key, data in keys.items():
+                await store.set(key, Buffer.from_bytes(data))
+            out = {}
+            for rng in (None, RangeByteRequest(10, 20), RangeByteRequest(5, 5), OffsetByteRequest(190),
+                        SuffixByteRequest(7)):
+                got = await store.get("a/c/0", proto, rng)
+                out[repr(rng)] = got.to_bytes()
+            out["missing"] = await store.get("a/c/9", proto)
+            out["empty"] = (await store.get("a/c/1", proto)).to_bytes()
+            out["all"] = sorted([k async for k in store.list()])
+            out["prefix"] = sorted([k async for k in store.list_prefix("a/")])
+            out["dir"] = sorted([k async for k in store.list_dir("a")])
+            out["size"] = await store.getsize("a/c/0")
+            out["exists"] = [await store.exists(k) for k in ("b/x", "b", "nope")]
+            await store.delete("b/x")
+            await store.delete("b/never")
+            out["after delete"] = sorted([k async for k in store.list_prefix("b")])
+            return out
+
+        return sync(ops())
+
+    there, reference = (run(s) for s in stores)
+    assert there == reference
+    xrootd = stores[0]
+    assert [create_exclusive(xrootd, "lock", b"1"), create_exclusive(xrootd, "lock", b"2")] == [True, False]
+    assert sync(xrootd.get("lock", proto)).to_bytes() == b"1"
