@@ -55,6 +55,7 @@ TARGETS = {
     "cache / dense f32 (float32 embeddings)": ("cache_over_dense.float32", "<=", 0.30),
     "cache / dense f32 (float16 embeddings)": ("cache_over_dense.float16", "<=", 0.18),
     "cache read / memcpy": ("cache_read_vs_memcpy", ">=", 0.5),
+    "cache read from xrootd / raw xrootd read": ("remote_read_vs_raw.xrootd", ">=", 0.5),
     "sweep K=8 vs 8 separate cached runs": ("sweep_k8_vs_separate", ">=", 2.6),
     "sweep K=8 vs 8 live frozen runs": ("sweep_k8_vs_live", ">=", 100.0),
     # issue 11, when hepattn is importable (None otherwise): its generated events, then simulated ones

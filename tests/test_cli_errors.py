@@ -231,6 +231,11 @@ MISTAKES = {
     "train-threshold-below-floor": (TRAIN + " --set head.init_args.assignment_threshold=0.05",
                                     "is below the cache floor"),
     "train-missing-cache": (TRAIN.replace("--cache {cache}", "--cache {work}/nope.zarr"), "no cache at"),
+    # Remote caches (tests/cache/test_remote.py has the rows that need a server).
+    "info-unsupported-url": ("info ftp://host/cache.zarr", "unsupported URL scheme ftp://"),
+    "extract-unsupported-url": (EXTRACT.replace("--output {work}/out.zarr", "--output http://host/c.zarr"),
+                                "unsupported URL scheme http://"),
+    "info-s3-without-bucket": ("info s3:///cache.zarr", "names no bucket"),
     "pretrain-negative-grad-clip": (PRETRAIN + " --set pretrain.grad_clip=-1",
                                     "pretrain.grad_clip must be a number >= 0"),
     "evaluate-fit-not-bool": (EVALUATE + " --set evaluate.fit=maybe", "evaluate.fit must be true or false"),

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from cachefeat.cache import schema
+from cachefeat.cache.store import is_url
 from cachefeat.cache.writer import MODES
 from cachefeat.config import POSITIVE_INT, check_allowed, one_of, section
 from cachefeat.errors import UserError
@@ -239,7 +240,7 @@ def _disk_full(exc: BaseException) -> bool:
     return False
 
 
-def _as_user_error(exc: BaseException, output: Path) -> BaseException:
+def _as_user_error(exc: BaseException, output) -> BaseException:
     """A disk-full error as one clear line naming the cache; any other error unchanged."""
     if _disk_full(exc):
         return UserError(f"disk full while writing {output}: free space, then rerun with --resume")
@@ -300,7 +301,7 @@ def extract(
     if device is None or distributed:
         device = state.device if distributed else ("cuda" if torch.cuda.is_available() else "cpu")
     device = _check_device(device)
-    output = Path(output)
+    output = output if is_url(output) else Path(output)
 
     backbone = FrozenBackbone(config, checkpoint, device=device, precision=opts["precision"])
     events = open_events(config, input)
@@ -394,7 +395,7 @@ def _check_device(device) -> torch.device:
     return device
 
 
-def _on_main(state, output: Path, fn):
+def _on_main(state, output, fn):
     """fn() on rank 0 only (None elsewhere). A failure is broadcast and raised on every rank,
     so that no rank waits forever at a later collective."""
     from accelerate.utils import broadcast_object_list

@@ -5,8 +5,9 @@ the block manifests is present with its recorded size, so a deleted or truncated
 refused instead of reading as zeros. A chunk whose bytes changed fails its crc32c when read,
 reported as a `UserError` naming the array and the events it covers. Opening reads every
 block's per-event arrays (`schema.event_arrays`: offsets, event ids, metrics), so a training run
-reads and checks every array the cache stores. On a local directory the chunks are read by
-`chunkio` (straight into the output arrays), elsewhere through zarr.
+reads and checks every array the cache stores. The chunks are read by `chunkio`, straight into
+the output arrays: from a local directory with direct file reads, from a URL (`store`: xrootd,
+S3) with one concurrent request per chunk.
 
 Event order is the input's: cache event i is input event i. Embeddings come back in their
 storage dtype (`HeadBatch.float()` widens them, on the device); integer columns as int64.
@@ -26,8 +27,9 @@ import torch
 from zarr.abc.store import Store
 
 from cachefeat.cache import schema
-from cachefeat.cache.chunkio import LocalChunks
+from cachefeat.cache.chunkio import FetchError, LocalChunks, StoreChunks
 from cachefeat.cache.resident import ResidentCache
+from cachefeat.cache.store import describe, is_url, open_store
 from cachefeat.cache.stream import stream_batches, stream_num_batches
 from cachefeat.errors import UserError
 from cachefeat.head.inputs import HeadBatch
@@ -44,12 +46,14 @@ class CacheReader:
 
     def __init__(self, path, check_files: bool = True):
         self.path = path
-        self._where = schema.describe(path)
-        if not isinstance(path, Store) and not Path(path).is_dir():
+        self._where = describe(path)
+        if not isinstance(path, Store) and not is_url(path) and not Path(path).is_dir():
             raise UserError(f"no cache at {self._where}")
-        self._store, local = schema.open_store(path, read_only=True)
+        self._store, local = open_store(path, read_only=True)
         self._arrays: dict = {}  # arrays opened by earlier reads (see schema.read_arrays)
         attrs = schema.node_attributes(self._store, [""])[0]
+        if attrs is None and is_url(path):
+            raise UserError(f"no cache at {self._where}")
         if attrs is None or "format_version" not in attrs:
             raise UserError(
                 f"{self._where} is not a cachefeat cache (no format_version in its root zarr.json)"
@@ -82,7 +86,7 @@ class CacheReader:
         files = {}  # store key -> [size, crc32c], every block's manifest
         for block, manifest in enumerate(self._manifests):
             files.update(schema.prefixed(schema.block_key(block), manifest["files"]))
-        self._chunks = LocalChunks(local, files) if local is not None else None
+        self._chunks = LocalChunks(local, files) if local is not None else StoreChunks(self._store, files)
         self._cols = {"F": len(self.raw_fields), "D": self.dim, "T": len(self.particle_fields)}
         self._read_event_arrays()
 
@@ -152,12 +156,9 @@ class CacheReader:
 
     def _read_into(self, requests: list[tuple[str, slice, str, np.ndarray]]) -> None:
         """Fill each (array path, rows, events text, out) request; corruption -> UserError."""
-        if self._chunks is not None:
-            errors = self._chunks.read_into([(path, rows, out) for path, rows, _, out in requests])
-        else:
-            errors = [NotImplementedError()] * len(requests)
+        errors = self._chunks.read_into([(path, rows, out) for path, rows, _, out in requests])
         other = [i for i, e in enumerate(errors) if isinstance(e, NotImplementedError)]
-        if other:  # not a local directory, or a layout chunkio does not read: through zarr
+        if other:  # a layout chunkio does not read: through zarr
             results = schema.read_arrays(self._store, [requests[i][:2] for i in other], self._arrays)
             for i, result in zip(other, results):
                 errors[i] = result if isinstance(result, BaseException) else None
@@ -167,6 +168,8 @@ class CacheReader:
                     except ValueError as exc:
                         errors[i] = exc
         for (path, _, what, _), exc in zip(requests, errors):
+            if isinstance(exc, FetchError):
+                raise UserError(f"cannot read {self._where}: {str(exc).splitlines()[0][:300]}") from exc
             if isinstance(exc, (ValueError, RuntimeError, OSError, IndexError)):
                 kind = "checksum mismatch" if "checksum" in str(exc) else f"cannot decode ({exc})"
                 raise UserError(

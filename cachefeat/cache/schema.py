@@ -51,6 +51,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
+from cachefeat.cache.store import describe
 from cachefeat.errors import UserError
 
 FORMAT_VERSION = 2
@@ -252,24 +253,6 @@ def block_manifest(start: int, stop: int, counts: dict[str, int], files: dict[st
 # --- store access -------------------------------------------------------------------------
 
 
-def open_store(location, read_only: bool) -> tuple[Store, Path | None]:
-    """(store, local directory or None) for a path or an existing zarr Store."""
-    if isinstance(location, Store):
-        store = location.with_read_only(True) if read_only and not location.read_only else location
-        return store, Path(location.root) if isinstance(location, LocalStore) else None
-    path = Path(location)
-    if not read_only:
-        path.mkdir(parents=True, exist_ok=True)
-    return LocalStore(path, read_only=read_only), path
-
-
-def describe(location) -> str:
-    """How to name a cache location in messages."""
-    if isinstance(location, LocalStore):
-        return str(location.root)
-    return str(location) if not isinstance(location, Store) else repr(location)
-
-
 def list_keys(store: Store, prefix: str) -> list[str]:
     """All keys under `prefix` ("" for all)."""
 
@@ -379,6 +362,13 @@ def delete_prefix(store: Store, prefix: str, keep: tuple[str, ...] = ()) -> None
             else:
                 entry.unlink()
         return
-    for key in list_keys(store, prefix):
-        if key[len(prefix) :].lstrip("/").split("/")[0] not in keep:
-            sync(store.delete(key))
+    delete_keys(store, [k for k in list_keys(store, prefix) if k[len(prefix) :].lstrip("/").split("/")[0] not in keep])
+
+
+def delete_keys(store: Store, keys: list[str]) -> None:
+    """Delete `keys` (missing ones are no error), concurrently."""
+
+    async def _all():
+        await asyncio.gather(*(store.delete(k) for k in keys))
+
+    sync(_all())

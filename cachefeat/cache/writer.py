@@ -26,14 +26,15 @@ import os
 import queue
 import socket
 import threading
-from pathlib import Path
 
 import numpy as np
 import torch
 import zarr
+from zarr.core.sync import sync
 
 from cachefeat.cache import schema
 from cachefeat.cache.fingerprint import fingerprint_diff
+from cachefeat.cache.store import create_exclusive, describe, open_store, supports_lock
 from cachefeat.errors import UserError
 from cachefeat.head.inputs import HeadBatch
 
@@ -44,53 +45,48 @@ _TORCH_EMBED = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 
 
 class _Lock:
-    """`<cache>/.lock` (O_CREAT|O_EXCL) holding {"pid", "host"}; a dead pid on this host is stale."""
+    """`<cache>/.lock` holding {"pid", "host"}, created only if absent (`store.create_exclusive`:
+    the storage decides, also on xrootd and S3). A lock whose host is this one and whose pid is
+    not running is stale and taken over; a lock from another host cannot be checked from here."""
 
-    def __init__(self, directory: Path, where: str):
-        self.path = directory / schema.LOCK_NAME
+    def __init__(self, store, where: str):
+        self.store = store
         self.where = where
+        self.path = f"{where.rstrip('/')}/{schema.LOCK_NAME}"
         self.held = False
 
     def _holder(self) -> dict | None:
         try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
+            holder = json.loads(schema.read_bytes(self.store, [schema.LOCK_NAME])[0] or b"")
+        except ValueError:
             return None
+        return holder if isinstance(holder, dict) else None
 
     def acquire(self) -> None:
         me = {"pid": os.getpid(), "host": socket.gethostname()}
         for attempt in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self._holder()
-                if holder is None:
-                    raise UserError(
-                        f"cache {self.where} has an unreadable lock {self.path}; "
-                        "delete it if no writer is running"
-                    ) from None
-                if attempt == 0 and holder.get("host") == me["host"] and not _pid_alive(holder.get("pid")):
-                    log.warning(
-                        "taking over the stale lock of %s (pid %s is not running)",
-                        self.where,
-                        holder.get("pid"),
-                    )
-                    self.path.unlink(missing_ok=True)
-                    continue
+            if create_exclusive(self.store, schema.LOCK_NAME, json.dumps(me).encode()):
+                self.held = True
+                return
+            holder = self._holder()
+            if holder is None:
                 raise UserError(
-                    f"cache {self.where} is locked by pid {holder.get('pid')} on {holder.get('host')}: "
-                    f"another writer is running (if not, delete {self.path})"
-                ) from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.held = True
-            return
+                    f"cache {self.where} has an unreadable lock {self.path}; delete it if no writer is running"
+                )
+            if attempt == 0 and holder.get("host") == me["host"] and not _pid_alive(holder.get("pid")):
+                log.warning("taking over the stale lock of %s (pid %s is not running)", self.where, holder.get("pid"))
+                sync(self.store.delete(schema.LOCK_NAME))
+                continue
+            raise UserError(
+                f"cache {self.where} is locked by pid {holder.get('pid')} on {holder.get('host')}: "
+                f"another writer is running (if not, delete {self.path})"
+            )
 
     def release(self) -> None:
         if self.held:
             holder = self._holder()
-            if holder is not None and holder.get("pid") == os.getpid():
-                self.path.unlink(missing_ok=True)
+            if holder is not None and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+                sync(self.store.delete(schema.LOCK_NAME))
             self.held = False
 
 
@@ -115,7 +111,8 @@ class CacheWriter:
     """Write a cache of `num_events` events, one commit block at a time.
 
     Args:
-        path: cache directory (or a zarr Store, e.g. MemoryStore; no lock is taken then).
+        path: cache directory, URL (`store`: root://..., s3://...) or a zarr Store (no lock is
+            taken on a Store other than a local, xrootd or obstore one, e.g. MemoryStore).
         fingerprint: `make_fingerprint(...)` of the extraction (any JSON dict).
         settings: all extraction settings (JSON), stored for `info`.
         raw_fields, particle_fields: F raw hit fields and T target fields, in column order.
@@ -168,7 +165,7 @@ class CacheWriter:
         self.raw_fields, self.particle_fields = list(raw_fields), list(particle_fields)
         self.metric_names = list(metric_names)
         self.bytes_written = 0
-        self._where = schema.describe(path)
+        self._where = describe(path)
         self._attrs = _json(
             {
                 "format_version": schema.FORMAT_VERSION,
@@ -186,11 +183,11 @@ class CacheWriter:
             }
         )
         try:
-            self._store, local = schema.open_store(path, read_only=False)
+            self._store, local = open_store(path, read_only=False)
         except (FileExistsError, NotADirectoryError) as exc:
             raise UserError(f"cannot create cache {self._where}: {exc}") from exc
         self._local = local
-        self._lock = _Lock(local, self._where) if local is not None and rank == 0 else None
+        self._lock = _Lock(self._store, self._where) if supports_lock(self._store) and rank == 0 else None
         if rank == 0:
             self._open_main(mode)
         else:
@@ -205,13 +202,15 @@ class CacheWriter:
     # --- opening ------------------------------------------------------------------------------
 
     def _remove_orphans(self) -> None:
-        """Delete the `*.partial` files a killed writer left (zarr's LocalStore writes each file
-        under a temporary `<name>.<uuid>.partial` name, then renames it): no live writer holds
-        them, the lock says so. Remote stores write objects whole and leave none."""
-        if self._local is None:
-            return
-        for orphan in self._local.rglob("*.partial"):
-            orphan.unlink(missing_ok=True)
+        """Delete the `*.partial` files a killed writer left (zarr's LocalStore and `XRootDStore`
+        write each file under a temporary `<name>.<uuid>.partial` name, then rename it): no live
+        writer holds them, the lock says so. S3 writes objects whole and leaves none."""
+        if self._local is not None:
+            orphans = [str(p.relative_to(self._local)) for p in self._local.rglob("*.partial")]
+        else:
+            orphans = [k for k in schema.list_keys(self._store, "") if k.endswith(".partial")]
+        schema.delete_keys(self._store, orphans)
+        for orphan in orphans:
             log.debug("removed %s, left by an interrupted write", orphan)
 
     def _open_main(self, mode: str) -> None:

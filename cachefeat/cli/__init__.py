@@ -5,7 +5,8 @@ subcommand and sets `func` to a callable taking the parsed arguments and returni
 exit code, and `outputs`, the names of the arguments that are paths it writes: an output
 that did not exist before a command that fails (any exception but Ctrl-C, which leaves a
 resumable state) is removed, so a failed command leaves nothing new behind; an existing
-output is never touched by this.
+output is never touched by this. A URL output (a remote cache, `cachefeat.cache.store`) is
+not removed: what a failed extraction left there is resumable with --resume.
 
 Exit codes, each failure one line on stderr (`--debug` re-raises it with its traceback):
 - 0: success;
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(message)s", stream=sys.stderr)
     logging.getLogger("cachefeat").setLevel(logging.DEBUG if args.debug else logging.INFO)
     fresh = [Path(p) for p in (getattr(args, name) for name in getattr(args, "outputs", ()))
-             if p is not None and not os.path.lexists(p)]
+             if p is not None and not _is_url(p) and not os.path.lexists(p)]
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -177,6 +178,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cachefeat {args.command}: error: {what} (from {library}; rerun with --debug for the traceback)",
               file=sys.stderr)
         return 2
+
+
+def _is_url(location: str) -> bool:
+    from cachefeat.cache.store import is_url
+
+    return is_url(location)
 
 
 def remove_path(path: Path) -> None:

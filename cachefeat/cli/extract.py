@@ -19,6 +19,7 @@ def add_parser(subparsers) -> None:
             "cachefeat extract --config configs/muon.yaml --checkpoint stage1.ckpt "
             "--input train.h5 --output train.zarr",
             "accelerate launch -m cachefeat extract ... --resume   # several processes, or finish a killed run",
+            "cachefeat extract ... --output s3://bucket/train.zarr  # S3: endpoint, credentials from AWS_* variables",
         ),
     )
     p.add_argument("--config", required=True, help="YAML config (data, model, head, extract sections)")
@@ -27,7 +28,8 @@ def add_parser(subparsers) -> None:
     events = p.add_mutually_exclusive_group(required=True)
     events.add_argument("--input", help="event file (HDF5, from `cachefeat simulate`)")
     add_split_option(events)
-    p.add_argument("--output", required=True, help="cache directory to write (Zarr v3)")
+    p.add_argument("--output", required=True,
+                   help="cache to write (Zarr v3): a directory, root://host//path (xrootd) or s3://bucket/prefix")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true",
                       help="finish an interrupted extraction (same settings); starts it when the cache does not "

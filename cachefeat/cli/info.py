@@ -15,11 +15,12 @@ def add_parser(subparsers) -> None:
         description="Describe a cache: event/hit/query/pair counts, bytes on disk per array and per event, "
         "compression, the equivalent dense float32 size, dtypes, fingerprint and settings.",
         epilog=example_epilog(
-            "cachefeat info runs/muon/cache.zarr", "cachefeat info runs/muon/cache.zarr --json"
+            "cachefeat info runs/muon/cache.zarr", "cachefeat info runs/muon/cache.zarr --json",
+            "cachefeat info root://eos.example.org//eos/user/me/train.zarr --verify"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("cache", help="cache directory (.zarr)")
+    parser.add_argument("cache", help="cache directory (.zarr), root://host//path or s3://bucket/prefix")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument(
         "--verify", action="store_true", help="also check the crc32c of every file (reads the whole cache)"

@@ -25,8 +25,8 @@ def add_parser(sub) -> None:
     p.add_argument("--output", required=True, help="run directory (head.ckpt, model.ckpt, metrics)")
     p.add_argument("--source", choices=["cache", "live"], default="cache",
                    help="cache (default) or live: the frozen backbone runs on every batch (the baseline)")
-    p.add_argument("--cache", help="training cache (from `cachefeat extract`)")
-    p.add_argument("--val-cache", help="validation cache")
+    p.add_argument("--cache", help="training cache (from `cachefeat extract`): a directory, root://... or s3://...")
+    p.add_argument("--val-cache", help="validation cache (a directory or a URL)")
     p.add_argument("--checkpoint", help="stage-1 checkpoint: required for --source live; with a cache it is "
                    "checked against the cache fingerprint and used for model.ckpt (backbone + head)")
     p.add_argument("--input", help="training events (HDF5): required for --source live; with a cache, checked "

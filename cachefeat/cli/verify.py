@@ -25,7 +25,7 @@ def add_parser(subparsers) -> None:
             "--events 256 --seed 3",
         ),
     )
-    p.add_argument("cache", help="cache directory (.zarr) written by `cachefeat extract`")
+    p.add_argument("cache", help="cache written by `cachefeat extract`: a directory (.zarr), root://... or s3://...")
     p.add_argument("--config", required=True, help="the YAML config the cache was extracted with")
     p.add_argument("--checkpoint", required=True, help="the stage-1 checkpoint it was extracted with")
     events = p.add_mutually_exclusive_group(required=True)

@@ -18,6 +18,7 @@ from zarr.core.sync import sync
 from zarr.storage import LocalStore, MemoryStore
 
 from cachefeat.cache import CacheReader, CacheWriter, schema
+from cachefeat.cache.store import open_store
 from cachefeat.errors import UserError
 from cachefeat.head.inputs import HeadBatch
 
@@ -91,7 +92,7 @@ def flip_byte(store, key: str, at: int) -> None:
 @pytest.mark.parametrize("kind", ["local", "memory"])
 def test_flipped_byte_names_array_and_events(tmp_path, small_chunks, kind):
     location = write(tmp_path / "c.zarr" if kind == "local" else MemoryStore())
-    store, _ = schema.open_store(location, read_only=False)
+    store, _ = open_store(location, read_only=False)
     flip_byte(store, "blocks/000001/hits/embed/c/0/0", 20)  # inside the first chunk (uncompressed)
     flip_byte(store, "blocks/000002/pairs/logit/c/0", 20)  # a Blosc-compressed array
     reader = CacheReader(location)  # sizes are unchanged: opening works
