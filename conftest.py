@@ -82,6 +82,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _stop(proc) -> None:
+    """Terminate a server process started by a fixture; kill it if it does not exit within 10 s."""
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def _wait_for(ready, what: str, proc, log: Path, timeout: float = 30.0) -> None:
     import time
 
@@ -161,12 +173,7 @@ def xrootd_server(tmp_path_factory):
     try:
         yield RemoteServer("xrootd", f"root://127.0.0.1:{port}/", put, get)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
         shutil.rmtree(top, ignore_errors=True)
 
 
@@ -225,10 +232,5 @@ def s3_server():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
         log.unlink(missing_ok=True)
