@@ -489,6 +489,34 @@ def extraction(settings: BenchSettings, data: BenchData, output: Path):
     return run
 
 
+def extraction_vs_forward(benchmark, settings: BenchSettings, data: BenchData, output: Path) -> dict | None:
+    """Time extraction of `data.extract_input` into `output` against the bare frozen forward over the
+    same events: pytest-benchmark's rounds of extraction, each after one forward round (its setup),
+    one warm-up round of each. Returns None without timings (--benchmark-disable), else
+    {"extract_s": median, "forward_s": median, "extract_round_s", "forward_round_s"}."""
+    import statistics
+
+    extract = extraction(settings, data, output)
+    forward, close = frozen_forward(settings, data)
+    forward_s = []
+
+    def timed_forward():
+        shutil.rmtree(output, ignore_errors=True)
+        start = time.perf_counter()
+        assert forward() == settings.n_extract
+        forward_s.append(time.perf_counter() - start)
+
+    try:
+        summary = benchmark.pedantic(extract, setup=timed_forward, rounds=settings.timing_rounds, warmup_rounds=1)
+    finally:
+        close()
+    assert summary["events"] == settings.n_extract
+    if not benchmark.stats:
+        return None
+    return {"extract_s": benchmark.stats.stats.median, "forward_s": statistics.median(forward_s[1:]),
+            "extract_round_s": list(benchmark.stats.stats.data), "forward_round_s": forward_s[1:]}
+
+
 def time_to_target(settings: BenchSettings, data: BenchData, run_dir: Path) -> dict:
     """Train the head over the resident float32 cache with `train()` for `max_epochs` epochs.
 

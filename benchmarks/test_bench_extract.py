@@ -9,41 +9,21 @@ here and reported in `extra_info`.
 
 from __future__ import annotations
 
-import shutil
-import statistics
-import time
-
 import harness
 import pytest
 
 
 @pytest.mark.benchmark(group="extract")
 def test_extract_vs_forward(benchmark, bench_settings, bench_data, results, tmp_path):
-    output = tmp_path / "extract.zarr"
-    extract = harness.extraction(bench_settings, bench_data, output)
-    forward, close = harness.frozen_forward(bench_settings, bench_data)
-    forward_s = []
-
-    def timed_forward():
-        shutil.rmtree(output, ignore_errors=True)
-        start = time.perf_counter()
-        assert forward() == bench_settings.n_extract
-        forward_s.append(time.perf_counter() - start)
-
-    try:
-        summary = benchmark.pedantic(extract, setup=timed_forward, rounds=bench_settings.timing_rounds,
-                                     warmup_rounds=1)
-    finally:
-        close()
-    assert summary["events"] == bench_settings.n_extract
-    if benchmark.stats:
+    timed = harness.extraction_vs_forward(benchmark, bench_settings, bench_data, tmp_path / "extract.zarr")
+    if timed:
         n = bench_settings.n_extract
-        forward_rate = n / statistics.median(forward_s[1:])  # [0]: the warm-up round
+        forward_rate = n / timed["forward_s"]
         # Host time per event beyond the forward: what extraction adds (loading the model, matching,
         # sparsifying, writing) that its pipeline did not hide behind the forward.
-        host_ms = 1e3 * (benchmark.stats.stats.median - statistics.median(forward_s[1:])) / n
-        benchmark.extra_info.update(events_per_s=n / benchmark.stats.stats.median, extract_host_ms_per_event=host_ms,
-                                    forward_events_per_s=forward_rate, forward_round_s=forward_s[1:])
-        results["extract_events_per_s"] = n / benchmark.stats.stats.median
+        host_ms = 1e3 * (timed["extract_s"] - timed["forward_s"]) / n
+        benchmark.extra_info.update(events_per_s=n / timed["extract_s"], extract_host_ms_per_event=host_ms,
+                                    forward_events_per_s=forward_rate, forward_round_s=timed["forward_round_s"])
+        results["extract_events_per_s"] = n / timed["extract_s"]
         results["forward_events_per_s"] = forward_rate
         results["extract_host_ms_per_event"] = host_ms

@@ -10,10 +10,6 @@ at a folder of its own, e.g. benchmarks/results/cpu-trackml.
 
 from __future__ import annotations
 
-import shutil
-import statistics
-import time
-
 import harness
 import pytest
 
@@ -57,33 +53,15 @@ def test_trackml_train_throughput(benchmark, mode, tml_settings, tml_data, resul
 @pytest.mark.benchmark(group="trackml-extract")
 def test_trackml_extract_vs_forward(benchmark, tml_settings, tml_data, results, tmp_path):
     """As `test_bench_extract.py`: extraction rounds alternate with bare-forward rounds (the setup)."""
-    output = tmp_path / "extract.zarr"
-    extract = harness.extraction(tml_settings, tml_data, output)
-    forward, close = harness.frozen_forward(tml_settings, tml_data)
-    forward_s = []
-
-    def timed_forward():
-        shutil.rmtree(output, ignore_errors=True)
-        start = time.perf_counter()
-        assert forward() == tml_settings.n_extract
-        forward_s.append(time.perf_counter() - start)
-
-    try:
-        summary = benchmark.pedantic(extract, setup=timed_forward, rounds=tml_settings.timing_rounds,
-                                     warmup_rounds=1)
-    finally:
-        close()
-    assert summary["events"] == tml_settings.n_extract
-    if benchmark.stats:
+    timed = harness.extraction_vs_forward(benchmark, tml_settings, tml_data, tmp_path / "extract.zarr")
+    if timed:
         n = tml_settings.n_extract
-        extract_s = benchmark.stats.stats.median
-        forward_median = statistics.median(forward_s[1:])  # [0]: the warm-up round
         out = results.setdefault("trackml", {})
-        out["extract_events_per_s"] = n / extract_s
-        out["forward_events_per_s"] = n / forward_median
-        out["extract_host_ms_per_event"] = 1e3 * (extract_s - forward_median) / n
-        out["extract_round_s"] = list(benchmark.stats.stats.data)
-        out["forward_round_s"] = forward_s[1:]
+        out["extract_events_per_s"] = n / timed["extract_s"]
+        out["forward_events_per_s"] = n / timed["forward_s"]
+        out["extract_host_ms_per_event"] = 1e3 * (timed["extract_s"] - timed["forward_s"]) / n
+        out["extract_round_s"] = timed["extract_round_s"]
+        out["forward_round_s"] = timed["forward_round_s"]
 
 
 @pytest.mark.parametrize("dtype", harness.DTYPES)
