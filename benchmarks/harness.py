@@ -55,6 +55,7 @@ TARGETS = {
     "cache / dense f32 (float32 embeddings)": ("cache_over_dense.float32", "<=", 0.30),
     "cache / dense f32 (float16 embeddings)": ("cache_over_dense.float16", "<=", 0.18),
     "cache read / memcpy": ("cache_read_vs_memcpy", ">=", 0.5),
+    "cached stream / cached memory, alternating rounds": ("cached_stream_vs_memory", ">=", 0.9),
     "cache read from xrootd / raw xrootd read": ("remote_read_vs_raw.xrootd", ">=", 0.5),
     "sweep K=8 vs 8 separate cached runs": ("sweep_k8_vs_separate", ">=", 2.6),
     "sweep K=8 vs 8 live frozen runs": ("sweep_k8_vs_live", ">=", 100.0),
@@ -402,6 +403,34 @@ def build_loop(mode: str, settings: BenchSettings, data: BenchData) -> TrainLoop
     return TrainLoop(step, _endless(source.batches), lambda hb: hb.num_events, settings.device, closers)
 
 
+def paired_training(benchmark, modes: tuple[str, str], settings: BenchSettings, data: BenchData) -> dict | None:
+    """Two training modes timed in alternating rounds of one epoch each (`settings.plan`'s steps):
+    pytest-benchmark times `modes[0]`, each of its rounds after one round of `modes[1]` (its setup),
+    so load on a shared machine lands on both alike. Returns None without timings, else
+    {"seconds": {mode: median round}, "rounds_s": {mode: [rounds]}, "steps"}."""
+    import statistics
+
+    steps = settings.plan(modes[0])[0]
+    timed, other = (build_loop(m, settings, data) for m in modes)
+    other_s = []
+
+    def run_other():
+        start = time.perf_counter()
+        other.run(steps)
+        other_s.append(time.perf_counter() - start)
+
+    try:
+        benchmark.pedantic(timed.run, args=(steps,), setup=run_other, rounds=2 * settings.cached_rounds - 1,
+                           warmup_rounds=1)
+    finally:
+        timed.close()
+        other.close()
+    if not benchmark.stats:
+        return None
+    rounds = {modes[0]: list(benchmark.stats.stats.data), modes[1]: other_s[1:]}
+    return {"seconds": {m: statistics.median(r) for m, r in rounds.items()}, "rounds_s": rounds, "steps": steps}
+
+
 def _joint_loop(settings: BenchSettings, data: BenchData) -> TrainLoop:
     """Joint training, the step of `pretrain.py --joint` (`loop.train_step` of a `Stage1Step`): backbone
     (from the checkpoint) + head trainable.
@@ -633,6 +662,8 @@ def finalize(results: dict) -> dict:
                                                               rates.get("live_frozen_sparse"))
     s["extract_vs_forward"] = _ratio(s.get("extract_events_per_s"), s.get("forward_events_per_s"))
     s["cache_read_vs_memcpy"] = _ratio(s.get("cache_read_gbps"), s.get("memcpy_gbps"))
+    paired = (s.get("stream_vs_memory") or {}).get("seconds") or {}
+    s["cached_stream_vs_memory"] = _ratio(paired.get("cached_memory"), paired.get("cached_stream"))
     settings = s.get("settings") or {}
     n_train = settings.get("n_train")
     extract_s = _ratio(n_train, s.get("extract_events_per_s"))
@@ -873,7 +904,7 @@ def _markdown_muon(s: dict) -> str:
                                   "cache_over_dense", "compression_ratio", "cache_read_vs_memcpy", "data",
                                   "speedup_cached_memory_vs_live_frozen_sparse", "session_wall_s",
                                   "cache_read_gbps_by_dtype", "cache_read_bytes", "peak_cuda_mb", "trackml",
-                                  "trackml_only"}
+                                  "trackml_only", "cached_stream_vs_memory"}
     extra = {k: v for k, v in s.items() if k not in known}
     if extra:
         lines += ["", "## Other results", ""]

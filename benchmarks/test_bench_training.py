@@ -21,6 +21,14 @@ def test_train_throughput(benchmark, mode, bench_settings, bench_data, results):
         results.setdefault("train_events_per_s", {})[mode] = rate
 
 
+@pytest.mark.benchmark(group="train-stream-vs-memory")
+def test_stream_vs_memory(benchmark, bench_settings, bench_data, results):
+    """Streamed against resident cached training, one epoch per round, rounds alternating."""
+    paired = harness.paired_training(benchmark, ("cached_stream", "cached_memory"), bench_settings, bench_data)
+    if paired is not None:
+        results["stream_vs_memory"] = paired
+
+
 @pytest.mark.parametrize("mode", harness.MODES)
 def test_peak_rss(mode, bench_settings, bench_data, results):
     report = harness.peak_rss(mode, bench_settings, bench_data)

@@ -205,7 +205,6 @@ class CacheReader:
                     b_start, b_stop = schema.block_range(block, self.num_events, self.block_size)
                     pieces.append((block, max(start, b_start), min(stop, b_stop)))
         events = np.concatenate([np.arange(lo, hi) for _, lo, hi in pieces] or [np.zeros(0, np.int64)])
-        n = len(events)
         counts = {sym: c[events] for sym, c in self._counts.items()}
         offsets = {sym: np.concatenate([[0], np.cumsum(c)]).astype(np.int64) for sym, c in counts.items()}
         out_arrays = {}
@@ -228,7 +227,6 @@ class CacheReader:
                 pos[sym] += b - a
         self._read_into(requests)
 
-        pair_event = np.repeat(np.arange(n), counts["P"])
         out = {
             "event_id": torch.from_numpy(self.event_id[events]),
             "hit_offsets": torch.from_numpy(offsets["H"]),
@@ -236,8 +234,10 @@ class CacheReader:
         }
         for spec in schema.DATA_ARRAYS:
             values = out_arrays[spec.key]
-            if spec.field in schema.PAIR_ROWS:  # event-local rows -> batch-global
-                values = values.astype(np.int64) + offsets[schema.PAIR_ROWS[spec.field]][pair_event]
+            if spec.field in schema.PAIR_ROWS:  # event-local rows -> batch-global: + the event's first row
+                base = np.repeat(offsets[schema.PAIR_ROWS[spec.field]][:-1], counts["P"])
+                base += values
+                values = base
             elif values.dtype.kind in "iu" and spec.dtype != "embed":
                 values = values.astype(np.int64)
             if spec.dtype == "embed" and self.embed_dtype == "bfloat16":

@@ -41,10 +41,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import google_crc32c
 import numpy as np
 import zarr
 import zarr.api.asynchronous
+from crc32c import crc32c
 from zarr.abc.store import Store
 from zarr.codecs import BloscCodec, BloscShuffle, Crc32cCodec
 from zarr.core.buffer import default_buffer_prototype
@@ -315,7 +315,7 @@ def manifest_files(store: Store, prefix: str) -> dict[str, list]:
     ]
     keys.sort()
     contents = read_bytes(store, keys)
-    return {k[len(prefix) + 1 :]: [len(c), google_crc32c.value(c)] for k, c in zip(keys, contents)}
+    return {k[len(prefix) + 1 :]: [len(c), crc32c(c)] for k, c in zip(keys, contents)}
 
 
 def check_files(store: Store, expected: dict[str, list], content: bool = False) -> list[str]:
@@ -329,7 +329,7 @@ def check_files(store: Store, expected: dict[str, list], content: bool = False) 
                 problems.append(f"{key} is missing")
             elif len(data) != size:
                 problems.append(f"{key} has {len(data)} bytes, expected {size}")
-            elif google_crc32c.value(data) != crc:
+            elif crc32c(data) != crc:
                 problems.append(f"{key} has the wrong crc32c")
         return problems
     for key, (size, _), found in zip(keys, expected.values(), file_sizes(store, keys)):

@@ -252,6 +252,27 @@ def test_round_trip(caches, events, kind, embed_dtype):
         )
 
 
+def test_checksums_are_zarrs_crc32c(caches):
+    """The crc32c cachefeat computes (the `crc32c` package: manifests, chunk checks) is the one zarr's
+    codec writes (google-crc32c): every manifest entry equals google-crc32c over the file, and every
+    chunk's last 4 bytes, written by zarr, equal `crc32c` over the rest."""
+    import google_crc32c
+    from crc32c import crc32c
+
+    assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    big = np.random.default_rng(0).integers(0, 256, 1 << 20, dtype=np.uint8)  # above the GIL-release size
+    assert crc32c(big) == google_crc32c.value(big.tobytes())
+    root = caches("local")
+    chunks = 0
+    for key, (size, crc) in manifests(root).items():
+        data = (root / key).read_bytes()
+        assert [len(data), google_crc32c.value(data)] == [size, crc], key
+        if "/c/" in key:
+            chunks += 1
+            assert crc32c(data[:-4]) == int.from_bytes(data[-4:], "little"), key
+    assert chunks > 20
+
+
 @pytest.mark.parametrize("embed_dtype", ["float16", "bfloat16"])
 def test_low_precision_is_torch_rounding(caches, events, embed_dtype):
     """float16/bfloat16 storage is exactly torch's rounding of the float32 embeddings."""
