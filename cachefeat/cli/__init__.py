@@ -5,8 +5,10 @@ subcommand and sets `func` to a callable taking the parsed arguments and returni
 exit code, and `outputs`, the names of the arguments that are paths it writes: an output
 that did not exist before a command that fails (any exception but Ctrl-C, which leaves a
 resumable state) is removed, so a failed command leaves nothing new behind; an existing
-output is never touched by this. A URL output (a remote cache, `cachefeat.cache.store`) is
-not removed: what a failed extraction left there is resumable with --resume.
+output is never touched by this. Only the outputs named in `url_outputs` (extract's cache)
+may be a URL (a remote cache, `cachefeat.cache.store`); any other output given as a URL is a
+usage error before any work starts (it would otherwise become a local directory `s3:/...`).
+A URL output is not removed: what a failed extraction left there is resumable with --resume.
 
 Exit codes, each failure one line on stderr (`--debug` re-raises it with its traceback):
 - 0: success;
@@ -157,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     fresh = [Path(p) for p in (getattr(args, name) for name in getattr(args, "outputs", ()))
              if p is not None and not _is_url(p) and not os.path.lexists(p)]
     try:
+        _check_local_outputs(args)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print(f"cachefeat {args.command}: interrupted", file=sys.stderr)
@@ -184,6 +187,16 @@ def _is_url(location: str) -> bool:
     from cachefeat.cache.store import is_url
 
     return is_url(location)
+
+
+def _check_local_outputs(args) -> None:
+    """UserError for an output given as a URL where the command writes local files only."""
+    for name in getattr(args, "outputs", ()):
+        value = getattr(args, name)
+        if value is not None and name not in getattr(args, "url_outputs", ()) and _is_url(str(value)):
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} {value} is a URL, but `cachefeat {args.command}` writes local files only "
+                            "(a cache at root:// or s3:// is written by `cachefeat extract --output`)")
 
 
 def remove_path(path: Path) -> None:

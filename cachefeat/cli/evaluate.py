@@ -25,7 +25,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--output", required=True, help="evaluation directory (predictions.h5, metrics.json, *.png)")
     p.add_argument("--source", choices=["cache", "live"], default="cache",
                    help="cache (default) or live: run the frozen backbone on --input")
-    p.add_argument("--cache", help="test cache (from `cachefeat extract`), for --source cache")
+    p.add_argument("--cache", help="test cache (from `cachefeat extract`): a directory, root://... or s3://..., "
+                   "for --source cache")
     p.add_argument("--checkpoint", help="stage-1 checkpoint, for --source live")
     p.add_argument("--input", help="test events (HDF5), for --source live")
     add_split_option(p, what="test events, for --source live,")

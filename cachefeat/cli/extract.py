@@ -53,7 +53,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     add_set_option(p, "extract.batch_size=16")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run, outputs=("output",))
+    p.set_defaults(func=run, outputs=("output",), url_outputs=("output",))
 
 
 def run(args) -> int:

@@ -29,8 +29,9 @@ def add_parser(sub) -> None:
         ),
     )
     p.add_argument("--config", required=True, help="YAML config with a sweep block (and data, model, head, train)")
-    p.add_argument("--cache", required=True, help="training cache (from `cachefeat extract`)")
-    p.add_argument("--val-cache", required=True, help="validation cache")
+    p.add_argument("--cache", required=True,
+                   help="training cache (from `cachefeat extract`): a directory, root://... or s3://...")
+    p.add_argument("--val-cache", required=True, help="validation cache (a directory or a URL)")
     p.add_argument("--output", required=True, help="run directory: one folder per variant, sweep.csv/json/png")
     p.add_argument("--data", choices=["auto", "memory", "stream"], default="auto",
                    help="cache access: resident in memory, streamed from disk, or auto (default)")
