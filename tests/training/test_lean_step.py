@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from cachefeat.head.checkpoint import build_head
 from cachefeat.training import loop
+from cachefeat.training import train as train_module
 from cachefeat.training.loop import fit, head_step, make_accelerator, prepare_trainee, scaling_batch, step_input
 from cachefeat.training.sources import CacheMemorySource, epoch_event_batches
 
@@ -30,21 +31,45 @@ aten = torch.ops.aten
 
 class DeviceWaits(TorchDispatchMode):
     """Records (op, the innermost cachefeat line that issued it) of every op that waits for the device
-    on a GPU: reading a value on the host (`.item()`, `.tolist()`, `int()`, `float()`, `bool()` of a
-    tensor: aten._local_scalar_dense and the ops tagged data_dependent_output) and the ops whose output
-    shape depends on the values (tagged dynamic_output_shape: nonzero, masked_select, bincount, unique,
-    ...; boolean-mask indexing; repeat_interleave without output_size)."""
+    on a GPU: reading values on the host (`.item()`, `int()`, `float()`, `bool()` of a tensor:
+    aten._local_scalar_dense and the ops tagged data_dependent_output; `.tolist()` and `.numpy()`,
+    which on the CPU dispatch no op: wrapped while the mode is on) and the ops whose output shape
+    depends on the values (tagged dynamic_output_shape: nonzero, masked_select, bincount, unique, ...;
+    boolean-mask indexing; repeat_interleave without output_size)."""
+
+    HOST_READS = ("tolist", "numpy")
 
     def __init__(self):
         super().__init__()
         self.found: list[tuple[str, str]] = []
+        self._saved = {}
+
+    def __enter__(self):
+        for name in self.HOST_READS:
+            self._saved[name] = original = getattr(torch.Tensor, name)
+            setattr(torch.Tensor, name, self._recording(name, original))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, original in self._saved.items():
+            setattr(torch.Tensor, name, original)
+        return super().__exit__(*exc)
+
+    def _recording(self, name, original):
+        def read(tensor, *args, **kwargs):
+            self._record(f"Tensor.{name}")
+            return original(tensor, *args, **kwargs)
+        return read
+
+    def _record(self, what: str) -> None:
+        where = [f"{f.filename.rsplit('/cachefeat/', 1)[-1]}:{f.lineno} {f.line}"
+                 for f in traceback.extract_stack() if "/cachefeat/" in f.filename]
+        self.found.append((what, where[-1] if where else "?"))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self._waits(func, args, kwargs):
-            where = [f"{f.filename.rsplit('/cachefeat/', 1)[-1]}:{f.lineno} {f.line}"
-                     for f in traceback.extract_stack() if "/cachefeat/" in f.filename]
-            self.found.append((str(func), where[-1] if where else "?"))
+            self._record(str(func))
         return func(*args, **kwargs)
 
     @staticmethod
@@ -103,9 +128,31 @@ def test_cached_training_never_waits_for_the_device(muon_config, cache32, tmp_pa
     assert [s.train_loss() for s in stats] == [sum(values[:per_epoch]) / per_epoch, sum(values[per_epoch:]) / per_epoch]
 
 
+def test_train_steps_never_wait_for_the_device(muon_config, cache32, val_cache32, tmp_path, monkeypatch):
+    """`train`'s own step (`head_step` and its loss bookkeeping) over a resident cache, each step
+    under `DeviceWaits`; its step losses are read at the end of each epoch."""
+    waits, real_fit = DeviceWaits(), train_module.fit
+
+    def watched_fit(accelerator, state, trainees, batches, step, end_epoch, **kwargs):
+        def watched(batch):
+            with waits:
+                return step(batch)
+        real_fit(accelerator, state, trainees, batches, watched, end_epoch, **kwargs)
+
+    monkeypatch.setattr(train_module, "fit", watched_fit)
+    monkeypatch.setattr(loop, "PROGRESS_S", math.inf)
+    config = copy.deepcopy(muon_config)
+    config["train"].update(batch_size=32, epochs=2)
+    result = train_module.train(config, tmp_path / "run", cache=cache32.path, val_cache=val_cache32.path,
+                                data_mode="memory", device="cpu")
+    assert waits.found == []
+    assert len(result["step_losses"]) == 2 * (cache32.num_events // 32)
+    assert all(isinstance(v, float) and math.isfinite(v) for v in result["step_losses"])
+
+
 def test_the_check_sees_what_waits(cache32):
-    """`DeviceWaits` records a value read, a boolean mask and a ragged size the device would have to
-    give (the waits the cached step had before issue 14), each at its line."""
+    """`DeviceWaits` records a value read, a boolean mask, a ragged size the device would have to
+    give and a `.tolist()` (the waits the cached step had before issue 14), each at its line."""
     hb = cache32.load().batch(range(20))
     assert not hb.target_valid.all()
     events = torch.arange(hb.num_events)
@@ -114,11 +161,12 @@ def test_the_check_sees_what_waits(cache32):
         hb.with_valid_targets_only()
         torch.repeat_interleave(events, hb.query_offsets.diff())
         torch.repeat_interleave(events, hb.query_offsets.diff(), output_size=hb.query_embed.shape[0])
+        hb.query_offsets.tolist()
     ops = [op for op, _ in waits.found]
-    assert ops[0] == "aten._local_scalar_dense.default"
+    assert ops[0] == "aten._local_scalar_dense.default" and ops[-1] == "Tensor.tolist"
     assert "aten.index.Tensor" in ops  # with_valid_targets_only's boolean masks
     assert any(where.startswith("head/inputs.py") for _, where in waits.found)
-    assert ops[-1] == "aten.repeat_interleave.Tensor" and ops.count("aten.repeat_interleave.Tensor") == 1
+    assert ops[-2] == "aten.repeat_interleave.Tensor" and ops.count("aten.repeat_interleave.Tensor") == 1
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
