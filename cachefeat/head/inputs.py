@@ -66,7 +66,8 @@ class HeadBatch:
     def query_event(self) -> Tensor:
         """int64 [Q]: batch-local event index of each query row."""
         counts = self.query_offsets.diff()
-        return torch.repeat_interleave(torch.arange(self.num_events, device=counts.device), counts)
+        return torch.repeat_interleave(torch.arange(self.num_events, device=counts.device), counts,
+                                       output_size=self.query_embed.shape[0])
 
     def to(self, device, non_blocking: bool = False) -> HeadBatch:
         moved = {f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)}

@@ -107,29 +107,28 @@ class StreamDropout(nn.Module):
     def __init__(self, p: float):
         super().__init__()
         self.p = p
-        self.register_buffer("stream", torch.tensor([int(torch.randint(0, 2**62, ())), 0]))
-        self._next: list[int] | None = None  # `stream` on the host: no device sync per mask
+        seed = int(torch.randint(0, 2**62, ()))
+        self.register_buffer("stream", torch.tensor([seed, 0]))
+        self._host = [seed, 0]  # `stream` on the host, kept equal to it: drawing a mask never reads the device
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0.0:
             return x
-        if self._next is None:
-            self._next = self.stream.tolist()
-        seed, k = self._next
+        seed, k = self._host
         generator = torch.Generator(device=x.device)
         generator.manual_seed((seed + k * 0x9E3779B97F4A7C15) % 2**63)
-        self._next = [seed, k + 1]
-        self.stream[1] = k + 1
+        self._host = [seed, k + 1]
+        self.stream[1:].fill_(k + 1)  # a fill, not `stream[1] = k + 1`: that copies from the host and waits
         keep = torch.rand(x.shape, generator=generator, device=x.device) >= self.p
         return x * keep / (1.0 - self.p)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        self._next = None
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         if prefix + "stream" in missing_keys:  # a head saved before the layer had a stream: keep the fresh one
             missing_keys.remove(prefix + "stream")
+        self._host = self.stream.tolist()
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -194,17 +193,21 @@ def dense_inputs(hb: HeadBatch) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]
 class PairWeights:
     """The weight-free part of the sparse pools at one threshold tau, shared by every head that uses tau.
 
-    The P' pairs with p = sigmoid(logit) >= tau, ordered by query row:
-    query, hit: int64 [P'], batch rows; wt: float32 [P'], their p (the w~ of the formula);
-    w: float32 [P'], p normalised over each query's pairs (max(sum, 1e-8) in the denominator).
-    raw [P', F] and embed [P', D]: the pair's hit features, so the hit nets run once per pair
+    All P pairs of the batch, in its order; the pools read those with p = sigmoid(logit) >= tau
+    (the others get weight 0 and no part in the max and min), so that no shape depends on the
+    values and building the pools never waits for the device:
+    query, hit: int64 [P], batch rows; segment: int64 [P], the query row of a pair with p >= tau,
+    Q for the others; wt: float32 [P], p where p >= tau, else 0 (the w~ of the formula);
+    w: float32 [P], wt normalised over each query's pairs (max(sum, 1e-8) in the denominator).
+    raw [P, F] and embed [P, D]: the pair's hit features, so the hit nets run once per pair
     and need no gather (and no scatter in their backward). num_queries: Q, the batch's query rows.
-    sums [2Q, P'] and sums_t [P', 2Q]: sparse CSR matrices, the weighted sums as one product
+    sums [2Q, P] and sums_t [P, 2Q]: sparse CSR matrices, the weighted sums as one product
     (rows 0..Q-1 weight by w, rows Q..2Q-1 by wt) and its transpose for the backward.
     """
 
     query: Tensor
     hit: Tensor
+    segment: Tensor
     wt: Tensor
     w: Tensor
     raw: Tensor
@@ -218,27 +221,30 @@ class PairWeights:
 
 
 def pair_weights(hb: HeadBatch, threshold: float) -> PairWeights:
-    """The pairs of `hb` above `threshold`, their weights and their hits' features."""
+    """The pairs of `hb`, their weights at `threshold` and their hits' features (see `PairWeights`).
+
+    The pairs may come in any order; the ops and shapes depend on the batch's sizes only.
+    """
     p = torch.sigmoid(hb.pair_logit.float())
+    query, hit = hb.pair_query, hb.pair_hit
     keep = p >= threshold
-    query, hit, wt = hb.pair_query[keep], hb.pair_hit[keep], p[keep]
-    if query.numel() > 1 and bool((query.diff() < 0).any()):
-        order = torch.argsort(query, stable=True)
-        query, hit, wt = query[order], hit[order], wt[order]
+    wt = torch.where(keep, p, 0.0)
     Q, P = hb.query_embed.shape[0], query.shape[0]
+    segment = torch.where(keep, query, Q)
     denom = wt.new_zeros(Q).index_add_(0, query, wt).clamp(min=1e-8)
     w = wt / denom[query]
-    counts = torch.bincount(query, minlength=Q)
-    crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-    pair = torch.arange(P, device=query.device)
+    # sums' rows list each query's pairs; a stable sort keeps them in batch order (the identity on
+    # the batches of `from_model_outputs` and the cache, whose pairs come by query row).
+    by_query, order = torch.sort(query, stable=True)
+    crow = torch.searchsorted(by_query, torch.arange(Q + 1, device=query.device))
     with warnings.catch_warnings():  # "sparse CSR support is in beta": matmul with a dense matrix is all we use
         warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
-        sums = torch.sparse_csr_tensor(torch.cat([crow, crow[1:] + P]), pair.repeat(2), torch.cat([w, wt]),
-                                       (2 * Q, P), check_invariants=False)
+        sums = torch.sparse_csr_tensor(torch.cat([crow, crow[1:] + P]), order.repeat(2),
+                                       torch.cat([w[order], wt[order]]), (2 * Q, P), check_invariants=False)
         sums_t = torch.sparse_csr_tensor(torch.arange(0, 2 * P + 1, 2, device=query.device),
                                          torch.stack([query, query + Q], 1).flatten(),
                                          torch.stack([w, wt], 1).flatten(), (P, 2 * Q), check_invariants=False)
-    return PairWeights(query, hit, wt, w, hb.hit_raw[hit], hb.hit_embed[hit], Q, sums, sums_t)
+    return PairWeights(query, hit, segment, wt, w, hb.hit_raw[hit], hb.hit_embed[hit], Q, sums, sums_t)
 
 
 def frame_refs_sparse(pairs: PairWeights, phi_column: int, eta_column: int) -> tuple[Tensor, Tensor]:
@@ -290,10 +296,10 @@ def linear_quantiles(x: Tensor, qs: list[float]) -> Tensor:
 
 
 class _PairSums(torch.autograd.Function):
-    """[2Q, C] = sums @ Z for Z [P', C]: both weighted-sum pools of each query in one sparse product.
+    """[2Q, C] = sums @ Z for Z [P, C]: both weighted-sum pools of each query in one sparse product.
 
     The backward is the product with the transpose `sums_t`, built once per batch in `PairWeights`.
-    Measured (torch 2.13 CPU, 1 thread, a muon batch of 256 events: P' = 12,529 pairs, Q = 512,
+    Measured (torch 2.13 CPU, 1 thread, a muon batch of 256 events: P = 12,529 pairs, Q = 512,
     C = 32; forward + backward for one hit net, median of 30 alternating runs, two runs): 0.92 and
     1.04 ms, against 2.1 and 2.2 ms for the two weighted sums as autograd index_adds. With the hit
     nets on pair rows and the integer-key extrema (commit c53730c): 29.3 -> 22.4 ms per training
@@ -320,7 +326,9 @@ _KEY_MINUS_INF, _KEY_PLUS_INF = (int(_order_key(torch.tensor([b]).view(torch.int
 
 
 class _SegmentExtrema(torch.autograd.Function):
-    """Column-wise max and min [Q, C] of Z's rows [P', C] over each query's pairs; 0 for a query without pairs.
+    """Column-wise max and min [Q, C] of Z's rows [P, C] over each query's pairs; 0 for a query without pairs.
+
+    `segment` [P] gives each row's query, or Q for a row that no query reads (a pair below tau).
 
     Each element is reduced as one int64 key, (order-preserving float bits << 32) | pair row, so
     one integer scatter gives the value and a row that attains it. The backward sends each output
@@ -331,22 +339,24 @@ class _SegmentExtrema(torch.autograd.Function):
 
     Measured (the batch and settings of `_PairSums`): 3.5 and 4.2 ms for max and min, forward +
     backward, against 9.3 and 12.6 ms for autograd's scatter_reduce amax/amin (include_self=False),
-    whose backward makes several [P', C] passes and took about half of a cached training step
+    whose backward makes several [P, C] passes and took about half of a cached training step
     (profile, muon batch of 256 events, 1 thread; commit 15fd803).
     """
 
     @staticmethod
-    def forward(ctx, Z: Tensor, query: Tensor, num_queries: int):
+    def forward(ctx, Z: Tensor, segment: Tensor, num_queries: int):
         P, C = Z.shape
         key = _order_key(Z.contiguous().view(torch.int32)).to(torch.int64)
         key.bitwise_left_shift_(32).bitwise_or_(torch.arange(P, device=Z.device)[:, None])
-        index = query[:, None].expand(P, C)
-        has_pairs = torch.zeros(num_queries, 1, dtype=torch.bool, device=Z.device)
-        has_pairs[query] = True
+        index = segment[:, None].expand(P, C)
+        # Segment Q collects the rows no query reads; it is dropped after the scatters.
+        has_pairs = torch.zeros(num_queries + 1, 1, dtype=torch.bool, device=Z.device).index_fill_(0, segment, True)
+        has_pairs = has_pairs[:num_queries]
         outs, rows = [], []
         for reduce, bound_key in (("amax", _KEY_MINUS_INF), ("amin", _KEY_PLUS_INF)):
-            k = torch.full((num_queries, C), bound_key << 32 | P, dtype=torch.int64, device=Z.device)  # row P: dropped
-            k.scatter_reduce_(0, index, key, reduce)
+            # row P: a query without pairs sends its gradient to a dropped row
+            k = torch.full((num_queries + 1, C), bound_key << 32 | P, dtype=torch.int64, device=Z.device)
+            k = k.scatter_reduce_(0, index, key, reduce)[:num_queries]
             value = _order_key((k >> 32).to(torch.int32)).view(torch.float32)
             outs.append(torch.where(has_pairs, value, 0.0))
             rows.append(k.bitwise_and_(0xFFFFFFFF))
@@ -473,8 +483,9 @@ class RegressionHead(nn.Module):
         self.frame = frame
 
         used = raw_hit_fields if raw_hit_fields is not None else raw_fields
-        # Columns of hit_raw the raw hit net reads; None: all, in order (no gather).
-        self._raw_columns = None if used == raw_fields else [raw_fields.index(f) for f in used]
+        # Columns of hit_raw the raw hit net reads (int64, on the head's device); None: all, in order (no gather).
+        self.register_buffer("_raw_columns", None if used == raw_fields else
+                             torch.tensor([raw_fields.index(f) for f in used]), persistent=False)
         if frame == "track":
             needed = ["phi", "eta"]
             for name in used:
@@ -547,7 +558,7 @@ class RegressionHead(nn.Module):
 
     def _raw_inputs(self, hit_raw: Tensor) -> Tensor:
         """[..., F] raw hit rows -> the columns the raw hit net reads (`raw_hit_fields`)."""
-        return hit_raw if self._raw_columns is None else hit_raw[..., self._raw_columns]
+        return hit_raw if self._raw_columns is None else hit_raw.index_select(-1, self._raw_columns)
 
     def _frame_columns(self, hit_raw: Tensor, phi_ref: Tensor, eta_ref: Tensor) -> Tensor:
         """frame="track": [..., F'] unstandardised inputs of the raw hit net from raw hit rows
@@ -635,7 +646,7 @@ class RegressionHead(nn.Module):
         for Z in (self.raw_hit_net(raw), self.encoded_hit_net(pairs.embed)):
             Z = Z.float()  # under autocast the hit nets may give bfloat16; the pools are float32
             sums = _PairSums.apply(Z, pairs.sums, pairs.sums_t)
-            pools += [sums[:Q], sums[Q:], *_SegmentExtrema.apply(Z, pairs.query, Q)]
+            pools += [sums[:Q], sums[Q:], *_SegmentExtrema.apply(Z, pairs.segment, Q)]
         return torch.cat(pools, dim=-1)
 
     def features_dense(
@@ -749,7 +760,7 @@ class RegressionHead(nn.Module):
             phi_ref, eta_ref = self.frame_refs(pairs)
             ref = phi_ref[:, None] * self._frame_map[0] + eta_ref[:, None] * self._frame_map[1]  # [Q, T]
             x = torch.where(self._periodic, wrap_angle(x - ref), x - ref)
-            matched = valid.to(pairs.query.device)[pairs.query]
+            matched = valid.to(pairs.query.device)[pairs.query] & (pairs.segment < pairs.num_queries)
             if not bool(matched.any()):
                 raise UserError("cannot fit the head's frame statistics: no pairs of valid (matched) queries")
             q = pairs.query[matched]

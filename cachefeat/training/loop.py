@@ -9,7 +9,8 @@ A trainer is a short recipe over these pieces:
   checkpointing and restored with --resume);
 - the step: `train_step` (forward, backward, clipping, optimizer and schedule under
   `accelerator.accumulate`, for one or K trainees on the same batch), `head_step` (a head
-  trainer's step: `global_mean_loss` over ranks, losses averaged over ranks);
+  trainer's step: `global_mean_loss` over ranks, losses averaged over ranks, left on the device
+  as `StepLosses`: on a GPU, a cached step never waits for the GPU);
 - the loop: `fit` (epochs of steps from the state's position, a progress bar, max_steps; calls
   the trainer's `end_epoch` after every epoch, which validates, logs and saves);
 - validation `evaluate_batches`; logging `MetricsLog`; checkpoints `save_checkpoint_state` and
@@ -28,7 +29,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -63,6 +64,8 @@ LOOP_ALLOWED = {
 # Target scaling (mean/std) is fitted on the matched targets of the first SCALING_EVENTS training
 # events, in both cache and live mode: cache event i is input event i, so both get the same numbers.
 SCALING_EVENTS = 2048
+# The progress bar shows the epoch's mean loss at most every PROGRESS_S seconds (reading it waits for the device).
+PROGRESS_S = 1.0
 
 
 # --- the accelerator, the train state, the optimizer and its update ----------------------------
@@ -255,23 +258,42 @@ def train_step(accelerator: Accelerator, trainees: list, loss_of: Callable[[obje
 
 
 def step_input(hb: HeadBatch, device) -> HeadBatch:
-    """A batch as a head step reads it: on `device`, embeddings float32, only the queries with a
-    valid target (all the loss reads)."""
-    return hb.to(device).float().with_valid_targets_only()
+    """A batch of a source (`training.sources`, whose batches hold only the queries with a valid
+    target: all the loss reads) as a head step reads it: on `device`, embeddings float32."""
+    return hb.to(device).float()
+
+
+class StepLosses(Sequence):
+    """The losses of one step, one per trainee, averaged over the ranks: `values` (float32 [K]) on
+    the device. Reading an element (indexing, iterating) copies them to the host, once: that waits
+    for the device; a trainer that keeps `values` and reads them later steps without waiting."""
+
+    def __init__(self, values: Tensor):
+        self.values = values
+        self._host: list[float] | None = None
+
+    def __len__(self) -> int:
+        return self.values.shape[0]
+
+    def __getitem__(self, i):
+        if self._host is None:
+            self._host = self.values.tolist()
+        return self._host[i]
 
 
 def head_step(accelerator: Accelerator, trainees: list, hb: HeadBatch, grad_clip: float,
-              predict: Callable | None = None, each: Callable | None = None) -> list[float]:
+              predict: Callable | None = None, each: Callable | None = None) -> StepLosses:
     """The step of a head trainer on `hb` (from `step_input`): every trainee's loss
     `module.loss(predict(trainee, hb), hb)` (default predict: `trainee.model(hb)`) as a
-    `global_mean_loss`, one `train_step`. Returns each trainee's loss averaged over the ranks."""
+    `global_mean_loss`, one `train_step`. Returns each trainee's loss averaged over the ranks,
+    unread: on a GPU the step (batch gather, forward, backward, update) never waits for the GPU."""
     predict = predict or (lambda trainee, batch: trainee.model(batch))
 
     def loss_of(trainee) -> Tensor:
         return global_mean_loss(trainee.module.loss(predict(trainee, hb), hb), hb, accelerator)
 
     losses = train_step(accelerator, trainees, loss_of, grad_clip, each)
-    return accelerator.gather(losses[None]).mean(0).tolist()
+    return StepLosses(accelerator.gather(losses[None]).mean(0))
 
 
 def global_mean_loss(loss: Tensor, hb: HeadBatch, accelerator: Accelerator) -> Tensor:
@@ -292,18 +314,19 @@ def global_mean_loss(loss: Tensor, hb: HeadBatch, accelerator: Accelerator) -> T
 
 @dataclass
 class EpochStats:
-    """What one (possibly partial) epoch did on this rank: per-trainee loss sums over `steps` steps,
-    training events of all ranks, host seconds, and whether max_steps stopped it."""
+    """What one (possibly partial) epoch did on this rank: per-trainee loss sums over `steps` steps
+    (float64 [K], on the device of the steps' losses), training events of all ranks, host seconds,
+    and whether max_steps stopped it."""
 
-    loss_sums: list[float]
+    loss_sums: Tensor
     steps: int = 0
     events: int = 0
     seconds: float = 0.0
     stopped: bool = False
 
     def train_loss(self, i: int = 0) -> float:
-        """Trainee i's mean step loss over the epoch."""
-        return self.loss_sums[i] / max(self.steps, 1)
+        """Trainee i's mean step loss over the epoch (read on the host)."""
+        return float(self.loss_sums[i]) / max(self.steps, 1)
 
     @property
     def events_per_s(self) -> float:
@@ -311,10 +334,13 @@ class EpochStats:
 
 
 def fit(accelerator: Accelerator, state: TrainState, trainees: list, batches: Callable[[int, int], Iterable],
-        step: Callable[[object], list[float]], end_epoch: Callable[[EpochStats], None], *, epochs: int,
-        steps_per_epoch: int, events_of: Callable[[object], int], max_steps: int | None = None) -> None:
+        step: Callable[[object], StepLosses | list[float]], end_epoch: Callable[[EpochStats], None], *,
+        epochs: int, steps_per_epoch: int, events_of: Callable[[object], int], max_steps: int | None = None) -> None:
     """Train from `state` up to `epochs` epochs: for each batch of `batches(epoch, start)` (this rank's,
     from batch `start` of the epoch) `step(batch)` returns the trainees' losses; then `end_epoch(stats)`.
+
+    The losses of a `StepLosses` are summed where they are: the loop reads them only for the
+    progress bar (at most every PROGRESS_S seconds) and `end_epoch` when it reads the stats.
 
     `state.step_in_epoch` counts batches, `state.global_step` optimizer steps (synchronising steps
     under gradient accumulation). An epoch that ends advances `state.epoch` before `end_epoch`; at
@@ -333,29 +359,40 @@ def fit(accelerator: Accelerator, state: TrainState, trainees: list, batches: Ca
 
 def _run_epoch(accelerator, state, trainees, batches, step, epochs, steps_per_epoch, events_of,
                max_steps) -> EpochStats:
-    start = time.perf_counter()
-    stats = EpochStats([0.0] * len(trainees))
+    start = shown = time.perf_counter()
+    stats = EpochStats(torch.zeros(len(trainees), dtype=torch.float64))
     for trainee in trainees:
         trainee.model.train()
     bar = tqdm(total=steps_per_epoch, initial=state.step_in_epoch, unit="batch", leave=False,
                desc=f"epoch {state.epoch + 1}/{epochs}", disable=not accelerator.is_local_main_process)
     for batch in batches(state.epoch, state.step_in_epoch):
-        losses = step(batch)
+        losses = _loss_values(step(batch))
         state.step_in_epoch += 1
         if accelerator.sync_gradients:
             state.global_step += 1
-        stats.loss_sums = [total + loss for total, loss in zip(stats.loss_sums, losses)]
+        stats.loss_sums = losses if stats.steps == 0 else stats.loss_sums + losses
         stats.steps += 1
         stats.events += events_of(batch) * accelerator.num_processes
         bar.update(1)
-        bar.set_postfix({"loss" if len(losses) == 1 else "best_loss": f"{min(stats.loss_sums) / stats.steps:.4f}",
-                         "ev_s": f"{stats.events / (time.perf_counter() - start):.0f}"})
+        now = time.perf_counter()
+        if not bar.disable and now - shown >= PROGRESS_S:  # reading the losses waits for the device
+            shown = now
+            bar.set_postfix({"loss" if len(losses) == 1 else "best_loss":
+                             f"{float(stats.loss_sums.min()) / stats.steps:.4f}",
+                             "ev_s": f"{stats.events / (now - start):.0f}"})
         if max_steps is not None and state.global_step >= max_steps:
             stats.stopped = True
             break
     bar.close()
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def _loss_values(losses: StepLosses | list[float]) -> Tensor:
+    """A step's losses as float64 [K]: a `StepLosses`' values where they are, unread; a list on the host."""
+    if isinstance(losses, StepLosses):
+        return losses.values.double()
+    return torch.tensor(losses, dtype=torch.float64)
 
 
 # --- validation ------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Where phase-2 batches come from: the cache (resident or streamed) or the live frozen backbone.
 
-Every source yields this rank's `HeadBatch`es for one epoch. The cache-resident and live
-sources draw the SAME event batches from `epoch_event_batches`, so the two paths see identical
-events in identical order: that is what the equivalence tests compare.
+Every source yields this rank's `HeadBatch`es for one epoch, holding only the queries with a
+valid target and their pairs (`HeadBatch.with_valid_targets_only`: all a head step reads). The
+cache-resident and live sources draw the SAME event batches from `epoch_event_batches`, so the two
+paths see identical events in identical order: that is what the equivalence tests compare.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def epoch_event_batches(num_events: int, batch_size: int, seed: int, epoch: int,
 
 
 class CacheMemorySource:
-    """The whole cache resident in (host or device) memory; batches gathered by index."""
+    """The whole cache resident in (host or device) memory; batches gathered by index, their sizes
+    computed on the host (`ResidentCache.batch`): on a GPU, no batch waits for the GPU."""
 
     kind = "cached_memory"
 
@@ -46,7 +48,7 @@ class CacheMemorySource:
     def batches(self, epoch: int, start: int = 0) -> Iterator[HeadBatch]:
         order = epoch_event_batches(self.num_events, self.batch_size, self.seed, epoch, self.rank, self.world)
         for idx in order[start:]:
-            yield self.resident.batch(idx)
+            yield self.resident.batch(idx, valid_targets_only=True)
 
 
 class CacheStreamSource:
@@ -67,7 +69,7 @@ class CacheStreamSource:
                                     world=self.world, buffer_blocks=self.buffer_blocks)
         for i, hb in enumerate(stream):
             if i >= start:
-                yield hb
+                yield hb.with_valid_targets_only()  # on the host, before the step moves it
 
 
 class LiveSource:
@@ -102,7 +104,7 @@ class LiveSource:
             hb, counts = self.frozen.head_batch(self.read(idx), self.floor, keep_hits=self.keep_hits)
             for key, value in counts.items():
                 self.metric_sums[key] = self.metric_sums.get(key, 0.0) + float(np.sum(value))
-            yield hb
+            yield hb.with_valid_targets_only()
 
 
 def cache_fits_memory(reader, budget_mb: float) -> bool:

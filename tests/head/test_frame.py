@@ -217,7 +217,7 @@ def test_standardisation_buffers_match_numpy():
     hb = fitted(head, outputs, batch, target_index)
     pairs = pair_weights(hb, head.assignment_threshold)
     phi_ref, eta_ref = (t.double().numpy() for t in head.frame_refs(pairs))
-    matched = hb.target_valid[pairs.query].numpy()
+    matched = (hb.target_valid[pairs.query] & (pairs.segment < pairs.num_queries)).numpy()  # p >= tau, valid
     q = pairs.query.numpy()[matched]
     X = framed_by_hand(pairs.raw.double().numpy()[matched], phi_ref[q], eta_ref[q])
     assert X.shape[0] > 20
