@@ -255,9 +255,10 @@ class CacheReader:
         return ResidentCache(self.read_events(0, self.num_events), device)
 
     def stream(self, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1, buffer_blocks: int = 2,
-               prefetch: int = 2, drop_last: bool = True) -> Iterator[HeadBatch]:
+               prefetch: int = 2, drop_last: bool = True, valid_targets_only: bool = False) -> Iterator[HeadBatch]:
         """Batches read block by block, for caches that do not fit in memory (`stream.stream_batches`)."""
-        return stream_batches(self, batch_size, seed, epoch, rank, world, buffer_blocks, prefetch, drop_last)
+        return stream_batches(self, batch_size, seed, epoch, rank, world, buffer_blocks, prefetch, drop_last,
+                              valid_targets_only)
 
     def stream_num_batches(self, batch_size: int, seed: int, epoch: int, world: int = 1,
                            drop_last: bool = True) -> int:

@@ -60,6 +60,7 @@ def stream_batches(
     buffer_blocks: int = 2,
     prefetch: int = 2,
     drop_last: bool = True,
+    valid_targets_only: bool = False,
 ) -> Iterator[HeadBatch]:
     """Batches of `reader`'s cache read block by block.
 
@@ -68,7 +69,9 @@ def stream_batches(
     next buffer); a background thread reads `prefetch` buffers ahead. Every rank yields the
     same number of batches, `stream_num_batches(...)` (full batches only with `drop_last`,
     else including each rank's last partial batch). The order is a function of (seed, epoch,
-    rank, world, buffer_blocks) only.
+    rank, world, buffer_blocks) only. With `valid_targets_only` every batch holds only the
+    queries with a valid target and their pairs (`ResidentCache.batch`): the same batches as
+    `.with_valid_targets_only()` of each, gathered once per buffer instead of masked per batch.
     """
     if batch_size < 1 or buffer_blocks < 1 or not 0 <= rank < world:
         raise ValueError("batch_size and buffer_blocks must be >= 1 and 0 <= rank < world")
@@ -79,38 +82,38 @@ def stream_batches(
     mine = rank_blocks(block_order(reader.num_blocks, seed, epoch), rank, world)
     groups = [mine[i : i + buffer_blocks].tolist() for i in range(0, len(mine), buffer_blocks)]
     rng = np.random.default_rng((seed, epoch, rank, world))
-    return _batches(reader, groups, batch_size, count, rng, prefetch)
+    return _batches(reader, groups, batch_size, count, rng, prefetch, valid_targets_only)
 
 
-def _batches(reader, groups, batch_size, count, rng, prefetch) -> Iterator[HeadBatch]:
+def _batches(reader, groups, batch_size, count, rng, prefetch, valid_only) -> Iterator[HeadBatch]:
     if count == 0:
         return
-    # one read per group, straight into the buffer's arrays (no concatenation of blocks)
-    loader = _Prefetch(reader.read_blocks, groups, prefetch)
+    # one read per group, straight into the buffer's arrays (no concatenation of blocks), and the
+    # buffer's gather indices, both in the prefetch thread
+    loader = _Prefetch(lambda group: ResidentCache(reader.read_blocks(group)), groups, prefetch)
     emitted, carry = 0, None
     try:
-        for loaded in loader:
+        for buffer in loader:
             # the buffer is [carry events, then the loaded ones in a random order]; only the
             # first batch can hold carried events, so it alone is concatenated
             n_carry = 0 if carry is None else carry.num_events
-            buffer = ResidentCache(loaded)
-            order = rng.permutation(loaded.num_events)
+            order = rng.permutation(buffer.num_events)
             pos = 0
             if n_carry and emitted < count and n_carry + len(order) >= batch_size:
                 pos = batch_size - n_carry
-                yield concat([carry, buffer.batch(order[:pos])])
+                yield concat([carry, buffer.batch(order[:pos], valid_only)])
                 emitted += 1
                 carry = None
             elif n_carry:
-                carry = concat([carry, buffer.batch(order)])
+                carry = concat([carry, buffer.batch(order, valid_only)])
                 continue
             while emitted < count and len(order) - pos >= batch_size:
-                yield buffer.batch(order[pos : pos + batch_size])
+                yield buffer.batch(order[pos : pos + batch_size], valid_only)
                 pos += batch_size
                 emitted += 1
             if emitted == count:
                 return
-            carry = buffer.batch(order[pos:])
+            carry = buffer.batch(order[pos:], valid_only)
         if emitted < count and carry is not None and carry.num_events:
             yield carry
     finally:

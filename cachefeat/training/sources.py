@@ -66,10 +66,10 @@ class CacheStreamSource:
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[HeadBatch]:
         stream = self.reader.stream(self.batch_size, seed=self.seed, epoch=epoch, rank=self.rank,
-                                    world=self.world, buffer_blocks=self.buffer_blocks)
+                                    world=self.world, buffer_blocks=self.buffer_blocks, valid_targets_only=True)
         for i, hb in enumerate(stream):
             if i >= start:
-                yield hb.with_valid_targets_only()  # on the host, before the step moves it
+                yield hb
 
 
 class LiveSource:

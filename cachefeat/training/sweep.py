@@ -65,6 +65,7 @@ from cachefeat.head.regression import PairWeights, RegressionHead, pair_weights
 from cachefeat.training.loop import (
     EpochStats,
     MetricsLog,
+    StepLosses,
     Trainee,
     TrainState,
     cache_source,
@@ -306,16 +307,21 @@ def _sweep_epochs(runs: list[_Run], source, settings: dict, steps_per_epoch: int
     def each(work) -> list:
         return _each_variant(pool, runs, work)
 
-    def step(hb: HeadBatch) -> list[float]:
+    pending: list[Tensor] = []  # this epoch's step losses, [K] each on the device: read at its end
+
+    def step(hb: HeadBatch) -> StepLosses:
         hb = step_input(hb, accelerator.device)
         pairs = {tau: pair_weights(hb, tau) for tau in thresholds}
         losses = head_step(accelerator, runs, hb, settings["grad_clip"], each=each,
                            predict=lambda run, batch: run.model(batch, pairs[run.module.assignment_threshold]))
-        for run, value in zip(runs, losses):
-            run.step_losses.append(value)
+        pending.append(losses.values)
         return losses
 
     def end_epoch(stats: EpochStats) -> None:
+        if pending:
+            for run, values in zip(runs, torch.stack(pending).T.tolist()):
+                run.step_losses.extend(values)
+            pending.clear()
         vals = each(lambda run: evaluate_batches(run.model, val_batches, accelerator))
         for i, (run, val) in enumerate(zip(runs, vals)):
             last = {"epoch": state.epoch, "step": state.global_step, "train_loss": stats.train_loss(i),

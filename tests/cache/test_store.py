@@ -353,6 +353,22 @@ def test_stream_partition_equal_counts_and_determinism(caches, events, kind):
     assert flat(run(0, 1, buffer_blocks=1)) != flat(run(0, 1, buffer_blocks=3))
 
 
+@pytest.mark.parametrize("buffer_blocks", [1, 2])
+def test_stream_of_valid_targets_is_the_masked_brute_force(caches, events, buffer_blocks):
+    """`stream(..., valid_targets_only=True)` (what training streams): each batch, carried events
+    included, is the brute-force batch of its events masked by `with_valid_targets_only`."""
+    reader = CacheReader(caches())
+    batches = list(reader.stream(4, seed=3, epoch=1, buffer_blocks=buffer_blocks, drop_last=False,
+                                 valid_targets_only=True))
+    assert sorted(i for b in batches for i in _event_index(b)) == list(range(E))
+    dropped = 0
+    for batch in batches:
+        full = reference_batch([events[i] for i in _event_index(batch)])
+        assert_batches_equal(batch, full.with_valid_targets_only())
+        dropped += len(full.query_embed) - len(batch.query_embed)
+    assert dropped > 0  # some queries without a valid target were left out
+
+
 def test_stream_stops_its_prefetch_thread(caches):
     reader = CacheReader(caches())
     before = threading.active_count()
