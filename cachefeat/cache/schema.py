@@ -70,7 +70,7 @@ STORAGE_DTYPE = {"float32": "float32", "float16": "float16", "bfloat16": "uint16
 # stored 4.5% fewer bytes than lz4 level 5 (4.88 vs 5.12 kB/event) but wrote about 1.7x and read
 # about 1.4x slower: model features barely compress, so lz4. Measured on the 2,048-event muon
 # benchmark block (2-core VM): hits/embed [92304, 32] compresses 1.18x and decodes at 3.2 GB/s
-# (a copy runs at 11 GB/s, crc32c at 5.7 GB/s), hits/raw 1.23x; so the wide float arrays are
+# (a copy runs at 11 GB/s, crc32c at 20 GB/s), hits/raw 1.23x; so the wide float arrays are
 # stored raw (`ArraySpec.compressed`), which costs about 1.3 kB/event and makes their read a
 # read syscall plus a crc32c. Pair rows and slots compress 10-110x, pair logits 1.22x: Blosc.
 CNAME = "lz4"
