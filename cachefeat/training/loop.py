@@ -315,18 +315,25 @@ def global_mean_loss(loss: Tensor, hb: HeadBatch, accelerator: Accelerator) -> T
 @dataclass
 class EpochStats:
     """What one (possibly partial) epoch did on this rank: per-trainee loss sums over `steps` steps
-    (float64 [K], on the device of the steps' losses), training events of all ranks, host seconds,
-    and whether max_steps stopped it."""
+    (float64 [K], on the device of the steps' losses) and each step's losses (`step_values`, float64
+    [K] each, unread), training events of all ranks, host seconds, and whether max_steps stopped it."""
 
     loss_sums: Tensor
     steps: int = 0
     events: int = 0
     seconds: float = 0.0
     stopped: bool = False
+    step_values: list[Tensor] = field(default_factory=list)
 
     def train_loss(self, i: int = 0) -> float:
         """Trainee i's mean step loss over the epoch (read on the host)."""
         return float(self.loss_sums[i]) / max(self.steps, 1)
+
+    def step_losses(self) -> list[list[float]]:
+        """Per trainee, its loss at every step of the epoch, read on the host in one copy."""
+        if not self.step_values:
+            return [[] for _ in range(len(self.loss_sums))]
+        return torch.stack(self.step_values).T.tolist()
 
     @property
     def events_per_s(self) -> float:
@@ -371,6 +378,7 @@ def _run_epoch(accelerator, state, trainees, batches, step, epochs, steps_per_ep
         if accelerator.sync_gradients:
             state.global_step += 1
         stats.loss_sums = losses if stats.steps == 0 else stats.loss_sums + losses
+        stats.step_values.append(losses)
         stats.steps += 1
         stats.events += events_of(batch) * accelerator.num_processes
         bar.update(1)

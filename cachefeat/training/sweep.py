@@ -307,21 +307,15 @@ def _sweep_epochs(runs: list[_Run], source, settings: dict, steps_per_epoch: int
     def each(work) -> list:
         return _each_variant(pool, runs, work)
 
-    pending: list[Tensor] = []  # this epoch's step losses, [K] each on the device: read at its end
-
     def step(hb: HeadBatch) -> StepLosses:
         hb = step_input(hb, accelerator.device)
         pairs = {tau: pair_weights(hb, tau) for tau in thresholds}
-        losses = head_step(accelerator, runs, hb, settings["grad_clip"], each=each,
-                           predict=lambda run, batch: run.model(batch, pairs[run.module.assignment_threshold]))
-        pending.append(losses.values)
-        return losses
+        return head_step(accelerator, runs, hb, settings["grad_clip"], each=each,
+                         predict=lambda run, batch: run.model(batch, pairs[run.module.assignment_threshold]))
 
     def end_epoch(stats: EpochStats) -> None:
-        if pending:
-            for run, values in zip(runs, torch.stack(pending).T.tolist()):
-                run.step_losses.extend(values)
-            pending.clear()
+        for run, values in zip(runs, stats.step_losses()):
+            run.step_losses.extend(values)
         vals = each(lambda run: evaluate_batches(run.model, val_batches, accelerator))
         for i, (run, val) in enumerate(zip(runs, vals)):
             last = {"epoch": state.epoch, "step": state.global_step, "train_loss": stats.train_loss(i),

@@ -113,17 +113,11 @@ def train(config: dict, run_dir, *, source: str = "cache", cache=None, val_cache
     state = resumable(accelerator, run_dir, trainee.scheduler, resume)
     metrics_log = MetricsLog(run_dir, accelerator, "train", settings)
 
-    epoch_losses = []  # this epoch's step losses (StepLosses.values), read on the host at its end
-
     def step(hb) -> StepLosses:
-        losses = head_step(accelerator, [trainee], step_input(hb, accelerator.device), settings["grad_clip"])
-        epoch_losses.append(losses.values)
-        return losses
+        return head_step(accelerator, [trainee], step_input(hb, accelerator.device), settings["grad_clip"])
 
     def end_epoch(stats: EpochStats) -> None:
-        if epoch_losses:
-            state.step_losses.extend(torch.cat(epoch_losses).tolist())
-            epoch_losses.clear()
+        state.step_losses.extend(stats.step_losses()[0])
         val = {"val_loss": float("nan")} if skip_validation else evaluate_batches(trainee.model, setup.val_batches(),
                                                                                    accelerator)
         last = {"epoch": state.epoch, "step": state.global_step, "train_loss": stats.train_loss(),
