@@ -189,8 +189,19 @@ def _is_url(location: str) -> bool:
     return is_url(location)
 
 
+# Arguments that name local files the commands read: configs, checkpoints (stage 1, head), event files.
+LOCAL_INPUTS = ("config", "checkpoint", "head", "input", "val_input", "train", "val")
+
+
 def _check_local_outputs(args) -> None:
-    """UserError for an output given as a URL where the command writes local files only."""
+    """UserError for an output given as a URL where the command writes local files only, and for a
+    URL as a config, checkpoint or event file (read from local paths only)."""
+    for name in LOCAL_INPUTS:
+        value = getattr(args, name, None)
+        if value is not None and _is_url(str(value)):
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} {value} is a URL, but configs, checkpoints and event files are read from "
+                            "local paths (only caches may be at root:// or s3://)")
     for name in getattr(args, "outputs", ()):
         value = getattr(args, name)
         if value is not None and name not in getattr(args, "url_outputs", ()) and _is_url(str(value)):
