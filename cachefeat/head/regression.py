@@ -309,7 +309,9 @@ class _PairSums(torch.autograd.Function):
     @staticmethod
     def forward(ctx, Z: Tensor, sums: Tensor, sums_t: Tensor):
         ctx.sums_t = sums_t
-        return sums @ Z
+        # float32 under autocast too: the sparse CSR products have no bfloat16 kernel on the CPU
+        with torch.autocast(Z.device.type, enabled=False):
+            return sums @ Z
 
     @staticmethod
     def backward(ctx, grad: Tensor):
