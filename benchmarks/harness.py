@@ -29,6 +29,7 @@ import logging
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -72,6 +73,7 @@ TRACKML_MODES = ("live_frozen_sparse", "cached_stream", "cached_memory")
 TRACKML_TARGETS = {
     "cache / dense f32 (float32 embeddings)": ("cache_over_dense.float32", "<=", 0.15),
     "cache / dense f32 (float16 embeddings)": ("cache_over_dense.float16", "<=", 0.10),
+    "cache read / memcpy, alternating rounds": ("cache_read_vs_memcpy", ">=", 0.5),
 }
 TRACKML_REQUIRED_KEYS = (
     "train_events_per_s", "extract_events_per_s", "forward_events_per_s", "cache_bytes_per_event",
@@ -546,6 +548,33 @@ def extraction_vs_forward(benchmark, settings: BenchSettings, data: BenchData, o
             "extract_round_s": list(benchmark.stats.stats.data), "forward_round_s": forward_s[1:]}
 
 
+def read_vs_memcpy(cache: Path, rounds: int = 21) -> dict:
+    """A whole read of `cache` (`CacheReader.read_events`, every event) against `np.copyto` of as many
+    bytes into a preallocated buffer, in alternating rounds after one warm-up each: medians in GB/s."""
+    from dataclasses import fields
+
+    import numpy as np
+
+    from cachefeat.cache.reader import CacheReader
+
+    reader = CacheReader(cache)
+    batch = reader.read_events(0, reader.num_events)
+    nbytes = sum(getattr(batch, f.name).nbytes for f in fields(batch))
+    src = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    read_s, copy_s = [], []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        reader.read_events(0, reader.num_events)
+        read_s.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        copy_s.append(time.perf_counter() - start)
+    return {"bytes": nbytes, "rounds": rounds, "cache_read_gbps": nbytes / statistics.median(read_s) / 1e9,
+            "memcpy_gbps": nbytes / statistics.median(copy_s) / 1e9}
+
+
 def time_to_target(settings: BenchSettings, data: BenchData, run_dir: Path) -> dict:
     """Train the head over the resident float32 cache with `train()` for `max_epochs` epochs.
 
@@ -716,6 +745,7 @@ def _finalize_trackml(results: dict) -> dict:
     t["speedup_cached_memory_vs_live_frozen_sparse"] = _ratio(rates.get("cached_memory"), live)
     t["speedup_cached_stream_vs_live_frozen_sparse"] = _ratio(rates.get("cached_stream"), live)
     t["extract_vs_forward"] = _ratio(t.get("extract_events_per_s"), t.get("forward_events_per_s"))
+    t["cache_read_vs_memcpy"] = _ratio(t.get("cache_read_gbps"), t.get("memcpy_gbps"))
     t["targets"] = {}
     for name, (key, op, threshold) in TRACKML_TARGETS.items():
         value = _get(t, key)

@@ -81,6 +81,14 @@ def test_trackml_cache_size(dtype, tml_data, results):
     out["counts_per_event"] = {k: v["per_event"] for k, v in summary["counts"].items()}
 
 
+def test_trackml_cache_read_vs_memcpy(tml_data, results):
+    """A whole read of the float32 TrackML cache against a memory copy of its decoded bytes."""
+    timed = harness.read_vs_memcpy(tml_data.caches["float32"])
+    out = results.setdefault("trackml", {})
+    out["cache_read_bytes"] = timed["bytes"]
+    out["cache_read_gbps"], out["memcpy_gbps"] = timed["cache_read_gbps"], timed["memcpy_gbps"]
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_trackml_peak_rss(mode, tml_settings, tml_data, results):
     report = harness.peak_rss(mode, tml_settings, tml_data)

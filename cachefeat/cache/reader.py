@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -154,9 +155,12 @@ class CacheReader:
 
     # --- reading ------------------------------------------------------------------------------
 
-    def _read_into(self, requests: list[tuple[str, slice, str, np.ndarray]]) -> None:
-        """Fill each (array path, rows, events text, out) request; corruption -> UserError."""
-        errors = self._chunks.read_into([(path, rows, out) for path, rows, _, out in requests])
+    def _read_into(self, requests: list[tuple[str, slice, str, np.ndarray]],
+                   finish: dict | None = None) -> None:
+        """Fill each (array path, rows, events text, out) request, then run `finish[i]()` for
+        request i (see `chunkio.LocalChunks.read_into`); corruption -> UserError."""
+        finish = finish or {}
+        errors = self._chunks.read_into([(path, rows, out) for path, rows, _, out in requests], finish)
         other = [i for i, e in enumerate(errors) if isinstance(e, NotImplementedError)]
         if other:  # a layout chunkio does not read: through zarr
             results = schema.read_arrays(self._store, [requests[i][:2] for i in other], self._arrays)
@@ -165,6 +169,8 @@ class CacheReader:
                 if errors[i] is None:
                     try:
                         np.copyto(requests[i][3], result.reshape(requests[i][3].shape), casting="no")
+                        if i in finish:
+                            finish[i]()
                     except ValueError as exc:
                         errors[i] = exc
         for (path, _, what, _), exc in zip(requests, errors):
@@ -207,11 +213,14 @@ class CacheReader:
         events = np.concatenate([np.arange(lo, hi) for _, lo, hi in pieces] or [np.zeros(0, np.int64)])
         counts = {sym: c[events] for sym, c in self._counts.items()}
         offsets = {sym: np.concatenate([[0], np.cumsum(c)]).astype(np.int64) for sym, c in counts.items()}
-        out_arrays = {}
+        out_arrays, rebased = {}, {}
         for spec in schema.DATA_ARRAYS:
             shape = (int(offsets[spec.rows][-1]),) + (() if spec.cols is None else (self._cols[spec.cols],))
             out_arrays[spec.key] = np.empty(shape, schema.storage_dtype(spec, self.embed_dtype))
-        requests, pos = [], {sym: 0 for sym in self._offsets}
+            if spec.field in schema.PAIR_ROWS:
+                rebased[spec.field] = np.empty(shape, np.int64)
+        requests, finish = [], {}
+        pos, first_event = {sym: 0 for sym in self._offsets}, 0
         for block, lo, hi in pieces:
             b_start = block * self.block_size
             what = self._events_text(block)
@@ -222,10 +231,16 @@ class CacheReader:
                 a, b = rows[spec.rows]
                 if b > a:
                     dest = out_arrays[spec.key][pos[spec.rows] : pos[spec.rows] + b - a]
+                    if spec.field in schema.PAIR_ROWS:  # event-local rows -> batch-global, once read
+                        events_here = slice(first_event, first_event + hi - lo)
+                        finish[len(requests)] = partial(
+                            _rebase, rebased[spec.field][pos["P"] : pos["P"] + b - a], dest,
+                            offsets[schema.PAIR_ROWS[spec.field]][events_here], counts["P"][events_here])
                     requests.append((f"{schema.block_key(block)}/{spec.key}", slice(a, b), what, dest))
             for sym, (a, b) in rows.items():
                 pos[sym] += b - a
-        self._read_into(requests)
+            first_event += hi - lo
+        self._read_into(requests, finish)
 
         out = {
             "event_id": torch.from_numpy(self.event_id[events]),
@@ -233,12 +248,8 @@ class CacheReader:
             "query_offsets": torch.from_numpy(offsets["Q"]),
         }
         for spec in schema.DATA_ARRAYS:
-            values = out_arrays[spec.key]
-            if spec.field in schema.PAIR_ROWS:  # event-local rows -> batch-global: + the event's first row
-                base = np.repeat(offsets[schema.PAIR_ROWS[spec.field]][:-1], counts["P"])
-                base += values
-                values = base
-            elif values.dtype.kind in "iu" and spec.dtype != "embed":
+            values = rebased.get(spec.field, out_arrays[spec.key])
+            if values.dtype.kind in "iu" and values.dtype != np.int64 and spec.dtype != "embed":
                 values = values.astype(np.int64)
             if spec.dtype == "embed" and self.embed_dtype == "bfloat16":
                 out[spec.field] = torch.from_numpy(values.view(np.int16)).view(torch.bfloat16)
@@ -285,3 +296,9 @@ class CacheReader:
         for key in schema.event_arrays(self.metric_names):  # all int64; offsets have n+1 rows per block
             decoded[key] = 8 * (self.num_events + (self.num_blocks if key in schema.OFFSET_ARRAYS.values() else 0))
         return {"stored": dict(stored), "decoded": dict(decoded)}
+
+
+def _rebase(out: np.ndarray, local: np.ndarray, first_rows: np.ndarray, pairs_per_event: np.ndarray) -> None:
+    """out (int64 [P]) = event-local rows `local` (int32 [P]) + the first batch row of each pair's
+    event (`first_rows` [E], one per event of the P pairs, `pairs_per_event` [E] of them each)."""
+    np.add(np.repeat(first_rows, pairs_per_event), local, out=out)

@@ -252,6 +252,27 @@ def test_round_trip(caches, events, kind, embed_dtype):
         )
 
 
+@pytest.mark.parametrize("kind", ["local", "memory"])
+def test_layouts_outside_the_direct_reader_are_read_through_zarr(caches, events, kind, monkeypatch):
+    """Arrays whose layout `chunkio` does not read (here: pair rows and hit embeddings, as if another
+    writer had stored them) are read through zarr into the same batch, pair rows rebased alike."""
+    from cachefeat.cache import chunkio
+
+    direct = chunkio.parse_layout
+
+    def only_some(meta):
+        layout = direct(meta)
+        return None if layout is not None and layout.dtype == np.int32 or meta["shape"][1:] == [D] else layout
+
+    monkeypatch.setattr(chunkio, "parse_layout", only_some)
+    reader = CacheReader(caches(kind))
+    assert reader.read_events(0, E).num_events == E
+    assert {path.rsplit("/", 2)[-2] + "/" + path.rsplit("/", 1)[-1] for path, layout in
+            reader._chunks._layouts.items() if layout is None} >= {"pairs/query", "pairs/hit", "hits/embed"}
+    for start, stop in [(0, E), (3, 17), (9, 10)]:
+        assert_batches_equal(reader.read_events(start, stop), reference_batch(events[start:stop]))
+
+
 def test_checksums_are_zarrs_crc32c(caches):
     """The crc32c cachefeat computes (the `crc32c` package: manifests, chunk checks) is the one zarr's
     codec writes (google-crc32c): every manifest entry equals google-crc32c over the file, and every
