@@ -315,7 +315,8 @@ class _PairSums(torch.autograd.Function):
     @staticmethod
     def forward(ctx, Z: Tensor, sums: Tensor, sums_t: Tensor):
         ctx.sums_t = sums_t
-        return sums @ Z
+        with torch.autocast(Z.device.type, enabled=False):  # float32 pools; the CPU has no bfloat16 sparse product
+            return sums @ Z
 
     @staticmethod
     def backward(ctx, grad: Tensor):

@@ -62,6 +62,7 @@ from cachefeat.errors import UserError
 from cachefeat.head.checkpoint import build_head, save_head_files
 from cachefeat.head.inputs import HeadBatch
 from cachefeat.head.regression import PairWeights, RegressionHead, pair_weights
+from cachefeat.head.stacked import StackedHeads, stack_groups
 from cachefeat.training.loop import (
     EpochStats,
     MetricsLog,
@@ -73,8 +74,11 @@ from cachefeat.training.loop import (
     check_floor,
     evaluate_batches,
     fit,
+    global_mean_loss,
     head_step,
     make_accelerator,
+    optimizer_step,
+    optimizer_update,
     prepare_trainee,
     scaling_batch,
     schedule_steps,
@@ -95,8 +99,10 @@ SWEEP_KEYS = (
     "train.weight_decay",
     "train.seed",
 )
-SWEEP_DEFAULTS = {"metric": "val_loss", "mode": "min", "grid": {}, "variants": []}
+SWEEP_DEFAULTS = {"metric": "val_loss", "mode": "min", "grid": {}, "variants": [], "stack": "auto"}
 SWEEP_ALLOWED = {"mode": one_of("min", "max")}
+# sweep.stack: stack same-shape variants' forward and backward (`StackedHeads`), or not, or "auto".
+STACK_CHOICES = ("auto", True, False)
 _NAME = re.compile(r"^[A-Za-z0-9_.=+-]+$")
 
 
@@ -118,7 +124,15 @@ class Variant:
 
 def sweep_settings(config: dict) -> dict:
     """The config's `sweep` block merged over SWEEP_DEFAULTS (unknown keys refused)."""
+    block = config.get("sweep")
+    if isinstance(block, dict) and "stack" in block:  # "auto" or a boolean: checked here, not by its default's type
+        stack = block["stack"]
+        if not (isinstance(stack, bool) or stack == "auto"):
+            raise UserError(f"sweep.stack must be one of auto, true, false, not {stack!r}")
+        config = {**config, "sweep": {k: v for k, v in block.items() if k != "stack"}}
     settings = section(config, "sweep", SWEEP_DEFAULTS, SWEEP_ALLOWED)
+    if isinstance(block, dict) and "stack" in block:
+        settings["stack"] = block["stack"]
     if not isinstance(settings["metric"], str) or not settings["metric"].startswith("val_"):
         raise UserError(f"sweep.metric must name a validation metric such as val_loss, not {settings['metric']!r}")
     return settings
@@ -222,6 +236,40 @@ class _Run(Trainee):
     history: list = field(default_factory=list)
 
 
+@dataclass
+class _Group:
+    """Variants that step together: one run stepped on its own (`stacked` None), or K >= 2 runs of one
+    shape (`stack_key`) whose forward and backward run as one `StackedHeads` computation."""
+
+    runs: list[_Run]
+    stacked: StackedHeads | None = None
+
+
+def stack_setting(setting, accelerator) -> bool:
+    """Whether the sweep stacks (sweep.stack): True, False, or "auto": on CUDA, not on the CPU (measured
+    no faster there, see the module docstring). Stacking needs one process: the stacked forward reads
+    each variant's parameters directly, past the hooks of DDP's wrapper, so under several processes
+    `true` is refused and "auto" steps the variants separately."""
+    if setting is True and accelerator.num_processes > 1:
+        raise UserError(f"sweep.stack: true needs one process, not {accelerator.num_processes} (DDP's gradient "
+                        "hooks would be bypassed); use stack: auto or false")
+    if setting == "auto":
+        return accelerator.num_processes == 1 and accelerator.device.type == "cuda"
+    return bool(setting)
+
+
+def variant_groups(runs: list[_Run], stack: bool) -> list[_Group]:
+    """The runs as step groups: with `stack`, one group per `stack_key` (a group of one steps on its
+    own), in order of first variant; without, one group per run."""
+    if not stack:
+        return [_Group([run]) for run in runs]
+    groups = []
+    for indices in stack_groups([run.module for run in runs]):
+        members = [runs[i] for i in indices]
+        groups.append(_Group(members, StackedHeads([r.module for r in members]) if len(members) > 1 else None))
+    return groups
+
+
 # --- the sweep -------------------------------------------------------------------------------
 
 
@@ -279,12 +327,16 @@ def sweep(config: dict, run_dir, *, cache, val_cache, max_epochs: int | None = N
             run.run_dir.mkdir(parents=True, exist_ok=True)
             (run.run_dir / "config.json").write_text(json.dumps(run.variant.config, indent=1, default=str))
     thresholds = sorted({run.module.assignment_threshold for run in runs})
-    workers = _worker_count(workers, len(runs), accelerator)
+    groups = variant_groups(runs, stack_setting(sweep_conf["stack"], accelerator))
+    stacked = sum(len(g.runs) for g in groups if g.stacked is not None)
+    workers = _worker_count(workers, len(groups), accelerator)
     accelerator.print(f"sweep: {len(runs)} variants over {reader.num_events:,} training events "
-                      f"({data_mode}), {len(thresholds)} assignment threshold(s), {workers} worker thread(s)")
+                      f"({data_mode}), {len(thresholds)} assignment threshold(s), {workers} worker thread(s)"
+                      + (f", {stacked} stacked in {sum(g.stacked is not None for g in groups)} group(s)"
+                         if stacked else ""))
     with _variant_pool(workers) as pool:
-        _sweep_epochs(runs, source, settings, steps_per_epoch, thresholds, val_batches, frozen, reader, accelerator,
-                      pool, max_steps)
+        _sweep_epochs(runs, groups, source, settings, steps_per_epoch, thresholds, val_batches, frozen, reader,
+                      accelerator, pool, max_steps)
     accelerator.wait_for_everyone()
 
     rows = results_table(runs, sweep_conf)
@@ -298,10 +350,12 @@ def sweep(config: dict, run_dir, *, cache, val_cache, max_epochs: int | None = N
     return rows
 
 
-def _sweep_epochs(runs: list[_Run], source, settings: dict, steps_per_epoch: int, thresholds: list[float],
-                  val_batches: list, frozen: dict, reader, accelerator, pool, max_steps: int | None) -> None:
+def _sweep_epochs(runs: list[_Run], groups: list[_Group], source, settings: dict, steps_per_epoch: int,
+                  thresholds: list[float], val_batches: list, frozen: dict, reader, accelerator, pool,
+                  max_steps: int | None) -> None:
     """The training loop (`fit`): every batch steps every variant on the batch's pair weights, computed
-    once per threshold; after each epoch each variant is validated and its head and metrics are written."""
+    once per threshold (each group of `groups` as one, see `_stacked_step`); after each epoch each
+    variant is validated and its head and metrics are written."""
     state = TrainState()  # not checkpointed: a sweep cannot be resumed
 
     def each(work) -> list:
@@ -310,6 +364,8 @@ def _sweep_epochs(runs: list[_Run], source, settings: dict, steps_per_epoch: int
     def step(hb: HeadBatch) -> StepLosses:
         hb = step_input(hb, accelerator.device)
         pairs = {tau: pair_weights(hb, tau) for tau in thresholds}
+        if any(group.stacked is not None for group in groups):
+            return _stacked_step(accelerator, runs, groups, hb, pairs, settings["grad_clip"], pool)
         return head_step(accelerator, runs, hb, settings["grad_clip"], each=each,
                          predict=lambda run, batch: run.model(batch, pairs[run.module.assignment_threshold]))
 
@@ -329,6 +385,36 @@ def _sweep_epochs(runs: list[_Run], source, settings: dict, steps_per_epoch: int
 
     fit(accelerator, state, runs, source.batches, step, end_epoch, epochs=settings["epochs"],
         steps_per_epoch=steps_per_epoch, events_of=lambda hb: hb.num_events, max_steps=max_steps)
+
+
+def _stacked_step(accelerator, runs: list[_Run], groups: list[_Group], hb: HeadBatch, pairs: dict,
+                  grad_clip: float, pool) -> StepLosses:
+    """`head_step` of every run with the groups' forward and backward stacked: a group of K >= 2 predicts
+    [K, Q, T] with its `StackedHeads` (under the accelerator's autocast, as a prepared model's forward),
+    takes each variant's own loss, backpropagates their sum (the variants share no parameter, so each
+    gets its own gradient) and updates each variant as `optimizer_step` does (`optimizer_update`:
+    clipping, AdamW, schedule); a group of one steps as in `head_step`. All under one
+    `accelerator.accumulate`, groups on the pool's threads. Returns the losses in run order."""
+    def one(group: _Group) -> list[Tensor]:
+        shared = pairs[group.runs[0].module.assignment_threshold]
+        if group.stacked is None:
+            run = group.runs[0]
+            loss = global_mean_loss(run.module.loss(run.model(hb, shared), hb), hb, accelerator)
+            optimizer_step(accelerator, run.model, loss, run.optimizer, run.scheduler, grad_clip)
+            return [loss.detach()]
+        with accelerator.autocast():
+            pred = group.stacked.predict_from_pairs(hb, shared)
+        losses = [global_mean_loss(run.module.loss(pred[k], hb), hb, accelerator) for k, run in enumerate(group.runs)]
+        accelerator.backward(torch.stack(losses).sum())
+        for run in group.runs:
+            optimizer_update(accelerator, run.model, run.optimizer, run.scheduler, grad_clip)
+        return [loss.detach() for loss in losses]
+
+    with accelerator.accumulate(*[run.model for run in runs]):
+        per_group = _each_variant(pool, groups, one)
+    by_run = {id(run): loss for group, losses in zip(groups, per_group) for run, loss in zip(group.runs, losses)}
+    losses = torch.stack([by_run[id(run)] for run in runs])
+    return StepLosses(accelerator.gather(losses[None]).mean(0))
 
 
 def _build_run(variant: Variant, reader, first: HeadBatch, total_steps: int, accelerator, run_dir: Path) -> _Run:
@@ -374,19 +460,22 @@ def _variant_pool(workers: int):
         torch.set_num_threads(threads)
 
 
-def _each_variant(pool, runs: list[_Run], work) -> list:
-    """work(run) for every run, on the pool's threads when there is a pool; results in run order.
-    The host seconds of each call are added to its run's `seconds`."""
-    def timed(run):
+def _each_variant(pool, items: list, work) -> list:
+    """work(item) for every item (runs, or `_Group`s), on the pool's threads when there is a pool; results
+    in item order. The host seconds of each call are added to its run's `seconds` (a group's split
+    equally among its runs)."""
+    def timed(item):
         start = time.perf_counter()
         try:
-            return work(run)
+            return work(item)
         finally:
-            run.seconds += time.perf_counter() - start
+            members = item.runs if isinstance(item, _Group) else [item]
+            for run in members:
+                run.seconds += (time.perf_counter() - start) / len(members)
 
     if pool is None:
-        return [timed(run) for run in runs]
-    return list(pool.map(timed, runs))
+        return [timed(item) for item in items]
+    return list(pool.map(timed, items))
 
 
 def results_table(runs: list[_Run], settings: dict) -> list[dict]:
