@@ -8,6 +8,7 @@ and/or an explicit list, each a set of dotted overrides of the base config::
       mode: min                 # min (default) or max, e.g. for val_q_accuracy
       grid: {head.init_args.hidden_dim: [64, 120], head.init_args.dropout: [0.0, 0.1], train.lr: [1.0e-3, 3.0e-3]}
       variants: [{name: deep, head.init_args.num_layers: 4}]
+      stack: auto               # auto (default), true or false: see "Stacking" below
 
     cachefeat sweep --config CONFIG --cache TRAIN.zarr --val-cache VAL.zarr --output RUN_DIR
 
@@ -25,14 +26,26 @@ are computed once per distinct threshold; then every
 variant takes its own step on it, with its own parameters, AdamW optimizer, OneCycle schedule and
 dropout streams (`StreamDropout`, not torch's global RNG). So a variant ends with the same weights
 and per-step losses as `train(...)` run alone on its config (with the sweep's event order).
-Variants are not stacked into batched kernels: on CPU a stacked [P, K*D] pool streams through
-main memory where K separate [P, D] pools stay in cache, and measured no faster.
+
+Stacking (`sweep.stack`): variants whose heads differ in dropout at most (`stack_key`: same
+hidden_dim, num_layers, hit net, frame, threshold, fields and targets; lr, weight_decay, seed and
+dropout may differ) form a group that steps as one: `StackedHeads` stacks each layer's weights
+per step and runs the hit nets and the MLP as batched matmuls and the pools once over [P, K*D]
+(under the accelerator's autocast), each variant takes its own loss, one backward of their sum
+leaves each variant its own gradient, and each variant clips, steps AdamW and its schedule as
+alone (`_stacked_step`; gradient accumulation as alone). A variant alone in its group steps as
+without stacking. Stacked variants equal their separate runs to float32 rounding, not bit for
+bit (tests/training/test_sweep.py states the measured tolerance). `auto` stacks on CUDA (fewer,
+larger kernels) and not on the CPU, where it measured no faster: K = 8 grid of the benchmark,
+2-core CPU, see README's Sweeps. Stacking needs one process (the stacked forward bypasses DDP's
+wrapper): `true` under several processes is refused, `auto` then steps the variants separately.
+Validation is never stacked.
 
 In one CPU process the variants' steps (and validations) run on `workers` threads, each with
 an equal share of torch's intra-op threads (default: one worker per torch thread, at most one per
-variant). Under `accelerate launch` every variant is data-parallel over the same processes (each
-prepared with the one Accelerator) and the variants step one after another, so that every rank
-issues its collectives in the same order.
+variant, or per group when stacking). Under `accelerate launch` every variant is data-parallel
+over the same processes (each prepared with the one Accelerator) and the variants step one after
+another, so that every rank issues its collectives in the same order.
 
 Writes RUN_DIR/<variant>/{head.ckpt, metrics.json, metrics.csv, config.json} as `cachefeat train`
 does (no accelerate checkpoints: a sweep cannot be resumed), and RUN_DIR/sweep.csv, sweep.json and

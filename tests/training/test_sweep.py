@@ -234,9 +234,10 @@ def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-12)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_stacked_sweep_equals_each_separate_run(muon_config, cache32, val_cache32, tmp_path, monkeypatch, capsys,
-                                                accumulation, one_torch_thread):
+                                                accumulation, device, one_torch_thread):
     """sweep.stack: true, 4 variants: 3 of one shape (base, another lr and weight decay, another seed and
     dropout) stepped as one stacked group, 1 of another hidden_dim stepped alone. Each variant's
     per-step losses, validation history and final weights equal `train(...)` alone, within the
@@ -252,7 +253,7 @@ def test_stacked_sweep_equals_each_separate_run(muon_config, cache32, val_cache3
     config["head"]["init_args"].update(dropout=0.2, hidden_dim=16)
     steps = 6 // accumulation  # optimizer steps; 160 events / 32 = 5 batches per epoch: crosses an epoch
     sweep(config, tmp_path / "sweep", cache=cache32.path, val_cache=val_cache32.path, data_mode="memory",
-          device="cpu", max_steps=steps, workers=1)
+          device=device, max_steps=steps, workers=1)
     assert "3 stacked in 1 group(s)" in capsys.readouterr().out
     report = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
 
@@ -262,7 +263,7 @@ def test_stacked_sweep_equals_each_separate_run(muon_config, cache32, val_cache3
     worst = {"loss": 0.0, "val": 0.0, "weight": 0.0}
     for variant in sweep_variants(config):
         alone = train(variant.config, tmp_path / variant.name, cache=cache32.path, val_cache=val_cache32.path,
-                      data_mode="memory", device="cpu", max_steps=steps)
+                      data_mode="memory", device=device, max_steps=steps)
         swept = report["variants"][variant.name]
         assert len(swept["step_losses"]) == len(alone["step_losses"]) == 6
         a, b = torch.tensor(swept["step_losses"]), torch.tensor(alone["step_losses"])
@@ -341,3 +342,34 @@ def test_stacked_sweep_under_bf16_autocast(muon_config, cache32, val_cache32, tm
     assert seen == [True] * 3
     assert losses[True].shape == losses[False].shape == (2, 3)
     torch.testing.assert_close(losses[True], losses[False], rtol=2e-2, atol=0)
+
+
+@pytest.mark.gpu
+def test_stacked_sweep_steps_on_a_gpu_never_synchronise(muon_config, cache32, val_cache32, tmp_path, monkeypatch):
+    """The stacked step on a CUDA-resident cache under `torch.cuda.set_sync_debug_mode("error")` (after a
+    first step outside the check, which creates AdamW's state and the CUDA handles)."""
+    real_fit, checked = sweep_module.fit, []
+
+    def watched_fit(accelerator, state, trainees, batches, step, end_epoch, **kwargs):
+        def watched(batch):
+            if not checked:
+                checked.append(False)
+                out = step(batch)
+                torch.cuda.synchronize()
+                return out
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                out = step(batch)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            checked.append(True)
+            return out
+        real_fit(accelerator, state, trainees, batches, watched, end_epoch, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "fit", watched_fit)
+    monkeypatch.setattr(loop_module, "PROGRESS_S", math.inf)
+    config = _config(muon_config, {"stack": True, "grid": {"train.lr": [1.0e-3, 3.0e-3]}}, batch_size=32, epochs=2,
+                     grad_clip=1.0)
+    sweep(config, tmp_path / "sweep", cache=cache32.path, val_cache=val_cache32.path, data_mode="memory",
+          device="cuda", workers=1)
+    assert checked.count(True) == 2 * (cache32.num_events // 32) - 1
