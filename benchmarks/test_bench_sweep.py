@@ -13,7 +13,14 @@ To show where the time goes, each round also runs the sweep with 1 worker and 1 
 the variants' own host seconds (steps and validations) against the rest (shared work) give the
 best a sweep on CORES cores could do, `ideal_sweep_s` = shared + own / CORES.
 
-Summary keys: `sweep_k8_vs_separate` = time(8 separate cached runs) / time(sweep) and
+Each round also runs the stacked sweep (`sweep.stack: true`: the variants of one shape, here
+the 4 of each hidden_dim, step as one `StackedHeads` forward and backward; on CPU its 2 groups on
+CORES worker threads), `sweep_stacked_s`; the plain sweep is run with `stack: false` (its
+variants step separately, as before stacking existed, on CPU and CUDA alike).
+
+Summary keys: `sweep_k8_vs_separate` = time(8 separate cached runs) / time(sweep),
+`sweep_k8_stacked_vs_separate` = time(8 separate cached runs) / time(stacked sweep),
+`sweep_k8_stacked_vs_unstacked` = time(sweep) / time(stacked sweep) and
 `sweep_k8_vs_live` = time(8 live frozen runs) / time(sweep), with medians over ROUNDS rounds
 (sweep and separate runs alternate within a round). The live time is ONE live frozen run of the
 first variant, timed once and multiplied by 8 (all variants cost the same backbone forward).
@@ -63,7 +70,9 @@ def _ideal(serial_s: list, serial_own_s: list, single_s: float) -> dict:
 def test_sweep_k8_vs_separate_and_live(bench_settings, bench_data, results, tmp_path):
     config = copy.deepcopy(bench_settings.load_config())
     config["train"].update(epochs=EPOCHS, batch_size=bench_settings.batch_size)
-    config["sweep"] = {"metric": "val_loss", "grid": GRID}
+    config["sweep"] = {"metric": "val_loss", "grid": GRID, "stack": False}
+    stacked = copy.deepcopy(config)
+    stacked["sweep"]["stack"] = True
     variants = sweep_variants(config)
     assert len(variants) == 8
     common = dict(cache=bench_data.caches["float32"], val_cache=bench_data.val_cache, data_mode="memory",
@@ -72,11 +81,18 @@ def test_sweep_k8_vs_separate_and_live(bench_settings, bench_data, results, tmp_
     sweep_threads = CORES if cpu else 0
     separate_threads = sorted({1, CORES}) if cpu else [0]
 
-    sweep_s, own_s, serial_s, serial_own_s = [], [], [], []
+    sweep_s, own_s, serial_s, serial_own_s, stacked_s = [], [], [], [], []
     separate_s = {t: [] for t in separate_threads}
     single_s = {t: [] for t in separate_threads}
     for r in range(ROUNDS):
-        for what in ("sweep", "separate") if r % 2 == 0 else ("separate", "sweep"):  # alternate against drift
+        order = ("sweep", "stacked", "separate") if r % 2 == 0 else ("separate", "stacked", "sweep")
+        for what in order:  # alternate against drift
+            if what == "stacked":
+                stacked_s.append(_timed(sweep_threads, sweep, stacked, tmp_path / f"stacked-{r}", **common,
+                                        workers=CORES if cpu else None))
+                rows = json.loads((tmp_path / f"stacked-{r}" / "sweep.json").read_text())["rows"]
+                assert len(rows) == len(variants)
+                continue
             if what == "sweep":
                 sweep_s.append(_timed(sweep_threads, sweep, config, tmp_path / f"sweep-{r}", **common,
                                       workers=CORES if cpu else None))
@@ -103,11 +119,15 @@ def test_sweep_k8_vs_separate_and_live(bench_settings, bench_data, results, tmp_
     separate_med, single_med = statistics.median(separate_s[best]), statistics.median(single_s[best])
     results["sweep_k8_vs_separate"] = separate_med / sweep_med
     results["sweep_k8_vs_live"] = 8 * live_s / sweep_med
+    stacked_med = statistics.median(stacked_s)
+    results["sweep_k8_stacked_vs_separate"] = separate_med / stacked_med
+    results["sweep_k8_stacked_vs_unstacked"] = sweep_med / stacked_med
     results["sweep"] = {
         "k": len(variants), "epochs": EPOCHS, "rounds": ROUNDS, "grid": GRID,
         "train_events": bench_settings.n_train, "batch_size": bench_settings.batch_size,
         "cores": CORES, "sweep_workers": CORES if cpu else 1, "sweep_torch_threads": sweep_threads,
-        "sweep_s": sweep_s, "separate_8_s_by_threads": separate_s, "single_run_s_by_threads": single_s,
+        "sweep_s": sweep_s, "sweep_stacked_s": stacked_s,
+        "separate_8_s_by_threads": separate_s, "single_run_s_by_threads": single_s,
         "separate_best_threads": best, "live_run_s": live_s,
         "sweep_over_single_run": sweep_med / single_med,
         "serial_sweep_s": serial_s, "serial_variant_s": serial_own_s,
@@ -117,5 +137,6 @@ def test_sweep_k8_vs_separate_and_live(bench_settings, bench_data, results, tmp_
                  "live = 1 live frozen run (first variant) x 8; separate and single runs are in-process train() "
                  "calls (no interpreter start-up counted); variant_time_over_sweep_wall = host seconds inside the "
                  "variants' own steps and validations, summed over worker threads, / sweep wall time; "
-                 "serial = 1 worker, 1 torch thread; ideal_sweep_s = serial shared part + serial variant part / cores",
+                 "serial = 1 worker, 1 torch thread; ideal_sweep_s = serial shared part + serial variant part / cores; "
+                 "sweep_s: stack false; sweep_stacked_s: stack true (2 groups of 4 variants, same workers)",
     }

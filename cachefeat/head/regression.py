@@ -112,15 +112,21 @@ class StreamDropout(nn.Module):
         self._host = [seed, 0]  # `stream` on the host, kept equal to it: drawing a mask never reads the device
 
     def forward(self, x: Tensor) -> Tensor:
+        keep = self.draw(x.shape, x.device)
+        return x if keep is None else x * keep / (1.0 - self.p)
+
+    def draw(self, shape, device) -> Tensor | None:
+        """The stream's next keep mask (bool, `shape`), as `forward` draws it for an input of that shape,
+        advancing the stream; None where `forward` draws none (eval mode or p = 0), the stream unchanged.
+        (`StackedHeads` draws each variant's mask here and applies them stacked.)"""
         if not self.training or self.p == 0.0:
-            return x
+            return None
         seed, k = self._host
-        generator = torch.Generator(device=x.device)
+        generator = torch.Generator(device=device)
         generator.manual_seed((seed + k * 0x9E3779B97F4A7C15) % 2**63)
         self._host = [seed, k + 1]
         self.stream[1:].fill_(k + 1)  # a fill, not `stream[1] = k + 1`: that copies from the host and waits
-        keep = torch.rand(x.shape, generator=generator, device=x.device) >= self.p
-        return x * keep / (1.0 - self.p)
+        return torch.rand(shape, generator=generator, device=device) >= self.p
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -374,6 +380,47 @@ class _SegmentExtrema(torch.autograd.Function):
         return grad_z[:-1], None, None
 
 
+def pooled_features(query_embed: Tensor, hit_features: tuple[Tensor, Tensor], pairs: PairWeights) -> Tensor:
+    """z [Q, *S, 9D] = [Q_n, pools(R), pools(E)], the feature assembly of the sparse head (module docstring).
+
+    query_embed [Q, D]; hit_features (R, E): the raw and encoded hit nets' outputs on the pairs,
+    each [P, *S, D] (S: stack dims, () for one head, (K,) for K heads stacked by `StackedHeads`;
+    any float dtype, pooled in float32). pools(Z) = w @ Z, w~ @ Z, max and min over each query's
+    pairs, computed on Z viewed as [P, prod(S) * D]: they are column-wise, so each stacked head gets
+    exactly the pools it would get alone.
+    """
+    Q = pairs.num_queries
+    stack = hit_features[0].shape[1:-1]
+    D = query_embed.shape[-1]
+    pools = [query_embed.reshape(Q, *(1,) * len(stack), D).expand(Q, *stack, D) if stack else query_embed]
+    for Z in hit_features:
+        shape = Z.shape
+        # Under autocast the hit nets may give bfloat16; the pools are float32.
+        Z = Z.float().reshape(shape[0], math.prod(shape[1:]))
+        sums = _PairSums.apply(Z, pairs.sums, pairs.sums_t)
+        extrema = _SegmentExtrema.apply(Z, pairs.segment, Q)
+        pools += [pool.view(Q, *shape[1:]) for pool in (sums[:Q], sums[Q:], *extrema)]
+    return torch.cat(pools, dim=-1)
+
+
+def standardise_frame(columns: Tensor, center: Tensor, scale: Tensor) -> Tensor:
+    """frame="track": the raw hit net's inputs from float64 frame columns [..., F'] (`_frame_columns`):
+    (columns - center) / scale in float64, clamped to [-FRAME_CLAMP, FRAME_CLAMP], in center's dtype.
+    center, scale: the head's `frame_center` / `frame_scale` [F'] (or stacked, broadcastable)."""
+    X = (columns - center.double()) / scale.double()
+    return X.clamp(-FRAME_CLAMP, FRAME_CLAMP).to(center.dtype)
+
+
+def frame_offset(pred: Tensor, phi_ref: Tensor, eta_ref: Tensor, phi_map: Tensor, eta_map: Tensor,
+                 std: Tensor) -> Tensor:
+    """frame="track": float32 predictions from MLP outputs pred [..., T]: phi_ref / std and eta_ref / std
+    (phi_ref, eta_ref broadcast against pred[..., 0]) added where phi_map / eta_map [T] (the head's
+    `_frame_map` rows, or stacked, broadcastable) are 1; the other columns get an exact 0."""
+    # Elementwise in float64, not a matmul: under autocast a matmul would round phi_ref to bfloat16.
+    offset = (phi_ref.double()[..., None] * phi_map.double() + eta_ref.double()[..., None] * eta_map.double())
+    return (pred.double() + offset / std.double()).float()
+
+
 class RegressionHead(nn.Module):
     """Regresses track parameters per query by pooling hit features with frozen assignment weights.
 
@@ -585,16 +632,12 @@ class RegressionHead(nn.Module):
 
     def _frame_inputs(self, hit_raw: Tensor, phi_ref: Tensor, eta_ref: Tensor) -> Tensor:
         """frame="track": the raw hit net's standardised, clamped float32 inputs (see `_frame_columns`)."""
-        X = (self._frame_columns(hit_raw, phi_ref, eta_ref) - self.frame_center.double()) / self.frame_scale.double()
-        return X.clamp(-FRAME_CLAMP, FRAME_CLAMP).to(self.frame_center.dtype)
+        return standardise_frame(self._frame_columns(hit_raw, phi_ref, eta_ref), self.frame_center, self.frame_scale)
 
     def _frame_offset(self, pred: Tensor, phi_ref: Tensor, eta_ref: Tensor) -> Tensor:
         """[..., T] MLP outputs -> predictions: phi_ref / std and eta_ref / std added to the columns
         regressed relative to the frame (the others get an exact 0)."""
-        # Elementwise in float64, not a matmul: under autocast a matmul would round phi_ref to bfloat16.
-        frame_map, std = self._frame_map.double(), self.target_std.double()
-        offset = (phi_ref.double()[..., None] * frame_map[0] + eta_ref.double()[..., None] * frame_map[1]) / std
-        return (pred.double() + offset).float()
+        return frame_offset(pred, phi_ref, eta_ref, self._frame_map[0], self._frame_map[1], self.target_std)
 
     def frame_refs(self, pairs: PairWeights) -> tuple[Tensor, Tensor]:
         """frame="track": float64 (phi_ref [Q], eta_ref [Q]) from pair weights (pass 1, shared via `pairs`)."""
@@ -638,18 +681,12 @@ class RegressionHead(nn.Module):
 
     def features_from_pairs(self, hb: HeadBatch, pairs: PairWeights) -> Tensor:
         """z [Q, 9D] from precomputed pair weights (a sweep computes them once for many heads)."""
-        Q = pairs.num_queries
-        pools = [hb.query_embed]
         if self.frame == "none":
             raw = self._raw_inputs(pairs.raw)
         else:
             phi_ref, eta_ref = self.frame_refs(pairs)
             raw = self._frame_inputs(pairs.raw, phi_ref[pairs.query], eta_ref[pairs.query])
-        for Z in (self.raw_hit_net(raw), self.encoded_hit_net(pairs.embed)):
-            Z = Z.float()  # under autocast the hit nets may give bfloat16; the pools are float32
-            sums = _PairSums.apply(Z, pairs.sums, pairs.sums_t)
-            pools += [sums[:Q], sums[Q:], *_SegmentExtrema.apply(Z, pairs.segment, Q)]
-        return torch.cat(pools, dim=-1)
+        return pooled_features(hb.query_embed, (self.raw_hit_net(raw), self.encoded_hit_net(pairs.embed)), pairs)
 
     def features_dense(
         self, query_embed: Tensor, hit_embed: Tensor, hit_raw: Tensor, track_hit_logit: Tensor, hit_valid: Tensor

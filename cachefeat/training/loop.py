@@ -124,6 +124,12 @@ def optimizer_step(accelerator: Accelerator, model, loss, optimizer, scheduler, 
     micro-steps; the (unprepared) scheduler advances once per real optimizer step.
     """
     accelerator.backward(loss)
+    optimizer_update(accelerator, model, optimizer, scheduler, grad_clip)
+
+
+def optimizer_update(accelerator: Accelerator, model, optimizer, scheduler, grad_clip: float) -> None:
+    """`optimizer_step` after its backward, on the gradients already in `model`'s parameters (a stacked
+    sweep step backpropagates K variants' losses at once, then updates each variant with this)."""
     if accelerator.sync_gradients and grad_clip:
         accelerator.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()

@@ -8,6 +8,7 @@ and/or an explicit list, each a set of dotted overrides of the base config::
       mode: min                 # min (default) or max, e.g. for val_q_accuracy
       grid: {head.init_args.hidden_dim: [64, 120], head.init_args.dropout: [0.0, 0.1], train.lr: [1.0e-3, 3.0e-3]}
       variants: [{name: deep, head.init_args.num_layers: 4}]
+      stack: auto               # auto (default), true or false: see "Stacking" below
 
     cachefeat sweep --config CONFIG --cache TRAIN.zarr --val-cache VAL.zarr --output RUN_DIR
 
@@ -25,14 +26,26 @@ are computed once per distinct threshold; then every
 variant takes its own step on it, with its own parameters, AdamW optimizer, OneCycle schedule and
 dropout streams (`StreamDropout`, not torch's global RNG). So a variant ends with the same weights
 and per-step losses as `train(...)` run alone on its config (with the sweep's event order).
-Variants are not stacked into batched kernels: on CPU a stacked [P, K*D] pool streams through
-main memory where K separate [P, D] pools stay in cache, and measured no faster.
+
+Stacking (`sweep.stack`): variants whose heads differ in dropout at most (`stack_key`: same
+hidden_dim, num_layers, hit net, frame, threshold, fields and targets; lr, weight_decay, seed and
+dropout may differ) form a group that steps as one: `StackedHeads` stacks each layer's weights
+per step and runs the hit nets and the MLP as batched matmuls and the pools once over [P, K*D]
+(under the accelerator's autocast), each variant takes its own loss, one backward of their sum
+leaves each variant its own gradient, and each variant clips, steps AdamW and its schedule as
+alone (`_stacked_step`; gradient accumulation as alone). A variant alone in its group steps as
+without stacking. Stacked variants equal their separate runs to float32 rounding, not bit for
+bit (tests/training/test_sweep.py states the measured tolerance). `auto` stacks on CUDA (fewer,
+larger kernels) and not on the CPU, where it measured no faster: K = 8 grid of the benchmark,
+2-core CPU, see README's Sweeps. Stacking needs one process (the stacked forward bypasses DDP's
+wrapper): `true` under several processes is refused, `auto` then steps the variants separately.
+Validation is never stacked.
 
 In one CPU process the variants' steps (and validations) run on `workers` threads, each with
 an equal share of torch's intra-op threads (default: one worker per torch thread, at most one per
-variant). Under `accelerate launch` every variant is data-parallel over the same processes (each
-prepared with the one Accelerator) and the variants step one after another, so that every rank
-issues its collectives in the same order.
+variant, or per group when stacking). Under `accelerate launch` every variant is data-parallel
+over the same processes (each prepared with the one Accelerator) and the variants step one after
+another, so that every rank issues its collectives in the same order.
 
 Writes RUN_DIR/<variant>/{head.ckpt, metrics.json, metrics.csv, config.json} as `cachefeat train`
 does (no accelerate checkpoints: a sweep cannot be resumed), and RUN_DIR/sweep.csv, sweep.json and
@@ -62,6 +75,7 @@ from cachefeat.errors import UserError
 from cachefeat.head.checkpoint import build_head, save_head_files
 from cachefeat.head.inputs import HeadBatch
 from cachefeat.head.regression import PairWeights, RegressionHead, pair_weights
+from cachefeat.head.stacked import StackedHeads, stack_groups
 from cachefeat.training.loop import (
     EpochStats,
     MetricsLog,
@@ -73,8 +87,11 @@ from cachefeat.training.loop import (
     check_floor,
     evaluate_batches,
     fit,
+    global_mean_loss,
     head_step,
     make_accelerator,
+    optimizer_step,
+    optimizer_update,
     prepare_trainee,
     scaling_batch,
     schedule_steps,
@@ -95,8 +112,10 @@ SWEEP_KEYS = (
     "train.weight_decay",
     "train.seed",
 )
-SWEEP_DEFAULTS = {"metric": "val_loss", "mode": "min", "grid": {}, "variants": []}
+SWEEP_DEFAULTS = {"metric": "val_loss", "mode": "min", "grid": {}, "variants": [], "stack": "auto"}
 SWEEP_ALLOWED = {"mode": one_of("min", "max")}
+# sweep.stack: stack same-shape variants' forward and backward (`StackedHeads`), or not, or "auto".
+STACK_CHOICES = ("auto", True, False)
 _NAME = re.compile(r"^[A-Za-z0-9_.=+-]+$")
 
 
@@ -118,7 +137,15 @@ class Variant:
 
 def sweep_settings(config: dict) -> dict:
     """The config's `sweep` block merged over SWEEP_DEFAULTS (unknown keys refused)."""
+    block = config.get("sweep")
+    if isinstance(block, dict) and "stack" in block:  # "auto" or a boolean: checked here, not by its default's type
+        stack = block["stack"]
+        if not (isinstance(stack, bool) or stack == "auto"):
+            raise UserError(f"sweep.stack must be one of auto, true, false, not {stack!r}")
+        config = {**config, "sweep": {k: v for k, v in block.items() if k != "stack"}}
     settings = section(config, "sweep", SWEEP_DEFAULTS, SWEEP_ALLOWED)
+    if isinstance(block, dict) and "stack" in block:
+        settings["stack"] = block["stack"]
     if not isinstance(settings["metric"], str) or not settings["metric"].startswith("val_"):
         raise UserError(f"sweep.metric must name a validation metric such as val_loss, not {settings['metric']!r}")
     return settings
@@ -222,6 +249,40 @@ class _Run(Trainee):
     history: list = field(default_factory=list)
 
 
+@dataclass
+class _Group:
+    """Variants that step together: one run stepped on its own (`stacked` None), or K >= 2 runs of one
+    shape (`stack_key`) whose forward and backward run as one `StackedHeads` computation."""
+
+    runs: list[_Run]
+    stacked: StackedHeads | None = None
+
+
+def stack_setting(setting, accelerator) -> bool:
+    """Whether the sweep stacks (sweep.stack): True, False, or "auto": on CUDA, not on the CPU (measured
+    no faster there, see the module docstring). Stacking needs one process: the stacked forward reads
+    each variant's parameters directly, past the hooks of DDP's wrapper, so under several processes
+    `true` is refused and "auto" steps the variants separately."""
+    if setting is True and accelerator.num_processes > 1:
+        raise UserError(f"sweep.stack: true needs one process, not {accelerator.num_processes} (DDP's gradient "
+                        "hooks would be bypassed); use stack: auto or false")
+    if setting == "auto":
+        return accelerator.num_processes == 1 and accelerator.device.type == "cuda"
+    return bool(setting)
+
+
+def variant_groups(runs: list[_Run], stack: bool) -> list[_Group]:
+    """The runs as step groups: with `stack`, one group per `stack_key` (a group of one steps on its
+    own), in order of first variant; without, one group per run."""
+    if not stack:
+        return [_Group([run]) for run in runs]
+    groups = []
+    for indices in stack_groups([run.module for run in runs]):
+        members = [runs[i] for i in indices]
+        groups.append(_Group(members, StackedHeads([r.module for r in members]) if len(members) > 1 else None))
+    return groups
+
+
 # --- the sweep -------------------------------------------------------------------------------
 
 
@@ -279,12 +340,16 @@ def sweep(config: dict, run_dir, *, cache, val_cache, max_epochs: int | None = N
             run.run_dir.mkdir(parents=True, exist_ok=True)
             (run.run_dir / "config.json").write_text(json.dumps(run.variant.config, indent=1, default=str))
     thresholds = sorted({run.module.assignment_threshold for run in runs})
-    workers = _worker_count(workers, len(runs), accelerator)
+    groups = variant_groups(runs, stack_setting(sweep_conf["stack"], accelerator))
+    stacked = sum(len(g.runs) for g in groups if g.stacked is not None)
+    workers = _worker_count(workers, len(groups), accelerator)
     accelerator.print(f"sweep: {len(runs)} variants over {reader.num_events:,} training events "
-                      f"({data_mode}), {len(thresholds)} assignment threshold(s), {workers} worker thread(s)")
+                      f"({data_mode}), {len(thresholds)} assignment threshold(s), {workers} worker thread(s)"
+                      + (f", {stacked} stacked in {sum(g.stacked is not None for g in groups)} group(s)"
+                         if stacked else ""))
     with _variant_pool(workers) as pool:
-        _sweep_epochs(runs, source, settings, steps_per_epoch, thresholds, val_batches, frozen, reader, accelerator,
-                      pool, max_steps)
+        _sweep_epochs(runs, groups, source, settings, steps_per_epoch, thresholds, val_batches, frozen, reader,
+                      accelerator, pool, max_steps)
     accelerator.wait_for_everyone()
 
     rows = results_table(runs, sweep_conf)
@@ -298,10 +363,12 @@ def sweep(config: dict, run_dir, *, cache, val_cache, max_epochs: int | None = N
     return rows
 
 
-def _sweep_epochs(runs: list[_Run], source, settings: dict, steps_per_epoch: int, thresholds: list[float],
-                  val_batches: list, frozen: dict, reader, accelerator, pool, max_steps: int | None) -> None:
+def _sweep_epochs(runs: list[_Run], groups: list[_Group], source, settings: dict, steps_per_epoch: int,
+                  thresholds: list[float], val_batches: list, frozen: dict, reader, accelerator, pool,
+                  max_steps: int | None) -> None:
     """The training loop (`fit`): every batch steps every variant on the batch's pair weights, computed
-    once per threshold; after each epoch each variant is validated and its head and metrics are written."""
+    once per threshold (each group of `groups` as one, see `_stacked_step`); after each epoch each
+    variant is validated and its head and metrics are written."""
     state = TrainState()  # not checkpointed: a sweep cannot be resumed
 
     def each(work) -> list:
@@ -310,6 +377,8 @@ def _sweep_epochs(runs: list[_Run], source, settings: dict, steps_per_epoch: int
     def step(hb: HeadBatch) -> StepLosses:
         hb = step_input(hb, accelerator.device)
         pairs = {tau: pair_weights(hb, tau) for tau in thresholds}
+        if any(group.stacked is not None for group in groups):
+            return _stacked_step(accelerator, runs, groups, hb, pairs, settings["grad_clip"], pool)
         return head_step(accelerator, runs, hb, settings["grad_clip"], each=each,
                          predict=lambda run, batch: run.model(batch, pairs[run.module.assignment_threshold]))
 
@@ -329,6 +398,36 @@ def _sweep_epochs(runs: list[_Run], source, settings: dict, steps_per_epoch: int
 
     fit(accelerator, state, runs, source.batches, step, end_epoch, epochs=settings["epochs"],
         steps_per_epoch=steps_per_epoch, events_of=lambda hb: hb.num_events, max_steps=max_steps)
+
+
+def _stacked_step(accelerator, runs: list[_Run], groups: list[_Group], hb: HeadBatch, pairs: dict,
+                  grad_clip: float, pool) -> StepLosses:
+    """`head_step` of every run with the groups' forward and backward stacked: a group of K >= 2 predicts
+    [K, Q, T] with its `StackedHeads` (under the accelerator's autocast, as a prepared model's forward),
+    takes each variant's own loss, backpropagates their sum (the variants share no parameter, so each
+    gets its own gradient) and updates each variant as `optimizer_step` does (`optimizer_update`:
+    clipping, AdamW, schedule); a group of one steps as in `head_step`. All under one
+    `accelerator.accumulate`, groups on the pool's threads. Returns the losses in run order."""
+    def one(group: _Group) -> list[Tensor]:
+        shared = pairs[group.runs[0].module.assignment_threshold]
+        if group.stacked is None:
+            run = group.runs[0]
+            loss = global_mean_loss(run.module.loss(run.model(hb, shared), hb), hb, accelerator)
+            optimizer_step(accelerator, run.model, loss, run.optimizer, run.scheduler, grad_clip)
+            return [loss.detach()]
+        with accelerator.autocast():
+            pred = group.stacked.predict_from_pairs(hb, shared)
+        losses = [global_mean_loss(run.module.loss(pred[k], hb), hb, accelerator) for k, run in enumerate(group.runs)]
+        accelerator.backward(torch.stack(losses).sum())
+        for run in group.runs:
+            optimizer_update(accelerator, run.model, run.optimizer, run.scheduler, grad_clip)
+        return [loss.detach() for loss in losses]
+
+    with accelerator.accumulate(*[run.model for run in runs]):
+        per_group = _each_variant(pool, groups, one)
+    by_run = {id(run): loss for group, losses in zip(groups, per_group) for run, loss in zip(group.runs, losses)}
+    losses = torch.stack([by_run[id(run)] for run in runs])
+    return StepLosses(accelerator.gather(losses[None]).mean(0))
 
 
 def _build_run(variant: Variant, reader, first: HeadBatch, total_steps: int, accelerator, run_dir: Path) -> _Run:
@@ -374,19 +473,22 @@ def _variant_pool(workers: int):
         torch.set_num_threads(threads)
 
 
-def _each_variant(pool, runs: list[_Run], work) -> list:
-    """work(run) for every run, on the pool's threads when there is a pool; results in run order.
-    The host seconds of each call are added to its run's `seconds`."""
-    def timed(run):
+def _each_variant(pool, items: list, work) -> list:
+    """work(item) for every item (runs, or `_Group`s), on the pool's threads when there is a pool; results
+    in item order. The host seconds of each call are added to its run's `seconds` (a group's split
+    equally among its runs)."""
+    def timed(item):
         start = time.perf_counter()
         try:
-            return work(run)
+            return work(item)
         finally:
-            run.seconds += time.perf_counter() - start
+            members = item.runs if isinstance(item, _Group) else [item]
+            for run in members:
+                run.seconds += (time.perf_counter() - start) / len(members)
 
     if pool is None:
-        return [timed(run) for run in runs]
-    return list(pool.map(timed, runs))
+        return [timed(item) for item in items]
+    return list(pool.map(timed, items))
 
 
 def results_table(runs: list[_Run], settings: dict) -> list[dict]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -18,7 +19,8 @@ from cachefeat.cli import main
 from cachefeat.errors import UserError
 from cachefeat.model.checkpoint import load_checkpoint
 from cachefeat.training import loop as loop_module
-from cachefeat.training.sweep import sweep, sweep_variants
+from cachefeat.training import sweep as sweep_module
+from cachefeat.training.sweep import stack_setting, sweep, sweep_settings, sweep_variants
 from cachefeat.training.train import train
 
 
@@ -56,10 +58,30 @@ def test_variants_are_the_grid_then_the_list(muon_config):
     ({"variants": [{"train.lr": 1e-3}]}, "with a name"),
     ({}, "defines no variant"),
     ({"grid": {"train.lr": [1e-3]}, "metrc": "val_loss"}, "unknown key 'sweep.metrc'"),
+    ({"grid": {"train.lr": [1e-3]}, "stack": "maybe"}, "^sweep.stack must be one of auto, true, false, not 'maybe'$"),
+    ({"grid": {"train.lr": [1e-3]}, "stack": 1}, "^sweep.stack must be one of auto, true, false, not 1$"),
 ])
 def test_bad_sweep_blocks_are_refused(muon_config, block, message):
     with pytest.raises(UserError, match=message):
         sweep_variants(_config(muon_config, block))
+
+
+def test_stack_setting_by_device_and_processes(muon_config):
+    """auto stacks on CUDA in one process only; true under several processes is one line; false never stacks."""
+    assert sweep_settings(_config(muon_config, {"grid": {"train.lr": [1e-3]}}))["stack"] == "auto"
+    for value in ("auto", True, False):
+        assert sweep_settings(_config(muon_config, {"grid": {"train.lr": [1e-3]}, "stack": value}))["stack"] == value
+
+    class Accelerator:
+        def __init__(self, device, num_processes):
+            self.device, self.num_processes = torch.device(device), num_processes
+
+    cpu, cuda, two = Accelerator("cpu", 1), Accelerator("cuda", 1), Accelerator("cuda", 2)
+    assert [stack_setting(v, cpu) for v in ("auto", True, False)] == [False, True, False]
+    assert [stack_setting(v, cuda) for v in ("auto", True, False)] == [True, True, False]
+    assert [stack_setting(v, two) for v in ("auto", False)] == [False, False]
+    with pytest.raises(UserError, match="^sweep.stack: true needs one process, not 2 .*; use stack: auto or false$"):
+        stack_setting(True, two)
 
 
 def test_frame_can_be_swept(muon_config, cache32, val_cache32, tmp_path, one_torch_thread):
@@ -197,3 +219,157 @@ def test_two_processes_equal_one_with_the_same_global_batch(muon_config, cache32
         b = load_checkpoint(tmp_path / "two" / variant.name / "head.ckpt")["state_dict"]
         for name in a:
             torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+# A stacked sweep (sweep.stack: true) against each variant's separate run, measured (1 torch thread,
+# 6 batches over an epoch boundary, float32, accumulation 1 and 2): step and val losses 1.1e-7 and
+# 1.4e-7 relative, final weights 1.4e-6 relative to each tensor's largest entry (AdamW divides by
+# the root mean square of the gradients, so their last-bit differences grow in the updates); the
+# tolerances are about 10x that.
+STACKED_LOSS_RTOL, STACKED_WEIGHT_TOL = 1e-6, 1.5e-5
+
+
+def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest |a - b| relative to b's largest entry."""
+    return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-12)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_stacked_sweep_equals_each_separate_run(muon_config, cache32, val_cache32, tmp_path, monkeypatch, capsys,
+                                                accumulation, device, one_torch_thread):
+    """sweep.stack: true, 4 variants: 3 of one shape (base, another lr and weight decay, another seed and
+    dropout) stepped as one stacked group, 1 of another hidden_dim stepped alone. Each variant's
+    per-step losses, validation history and final weights equal `train(...)` alone, within the
+    stated tolerances (gradient accumulation 1 and 2); "wide", stepped alone, bit for bit."""
+    block = {
+        "stack": True,
+        "variants": [{"name": "base"},
+                     {"name": "fast", "train.lr": 3.0e-3, "train.weight_decay": 0.01},
+                     {"name": "other", "train.seed": 7, "head.init_args.dropout": 0.3},
+                     {"name": "wide", "head.init_args.hidden_dim": 40}],
+    }
+    config = _config(muon_config, block, batch_size=32, gradient_accumulation_steps=accumulation)
+    config["head"]["init_args"].update(dropout=0.2, hidden_dim=16)
+    steps = 6 // accumulation  # optimizer steps; 160 events / 32 = 5 batches per epoch: crosses an epoch
+    sweep(config, tmp_path / "sweep", cache=cache32.path, val_cache=val_cache32.path, data_mode="memory",
+          device=device, max_steps=steps, workers=1)
+    assert "3 stacked in 1 group(s)" in capsys.readouterr().out
+    report = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+
+    source = loop_module.CacheMemorySource
+    monkeypatch.setattr(loop_module, "CacheMemorySource",
+                        lambda reader, batch, seed, *rest: source(reader, batch, config["train"]["seed"], *rest))
+    worst = {"loss": 0.0, "val": 0.0, "weight": 0.0}
+    for variant in sweep_variants(config):
+        alone = train(variant.config, tmp_path / variant.name, cache=cache32.path, val_cache=val_cache32.path,
+                      data_mode="memory", device=device, max_steps=steps)
+        swept = report["variants"][variant.name]
+        assert len(swept["step_losses"]) == len(alone["step_losses"]) == 6
+        a, b = torch.tensor(swept["step_losses"]), torch.tensor(alone["step_losses"])
+        worst["loss"] = max(worst["loss"], ((a - b).abs() / b.abs()).max().item())
+        history = json.loads((tmp_path / variant.name / "metrics.json").read_text())
+        a, b = torch.tensor([h["val_loss"] for h in swept["history"]]), torch.tensor([h["val_loss"] for h in history])
+        assert a.shape == b.shape
+        worst["val"] = max(worst["val"], ((a - b).abs() / b.abs()).max().item())
+        sa = load_checkpoint(tmp_path / "sweep" / variant.name / "head.ckpt")
+        sb = load_checkpoint(tmp_path / variant.name / "head.ckpt")
+        assert sa["head_config"] == sb["head_config"]
+        assert sa["state_dict"].keys() == sb["state_dict"].keys()
+        if variant.name == "wide":
+            assert swept["step_losses"] == alone["step_losses"]
+            assert all(torch.equal(sa["state_dict"][k], v) for k, v in sb["state_dict"].items())
+        for name, value in sb["state_dict"].items():
+            if value.is_floating_point():
+                worst["weight"] = max(worst["weight"], _max_rel(sa["state_dict"][name], value))
+            else:  # the dropout streams: the same masks drawn
+                assert torch.equal(sa["state_dict"][name], value), (variant.name, name)
+    assert worst["loss"] <= STACKED_LOSS_RTOL and worst["val"] <= STACKED_LOSS_RTOL, worst
+    assert worst["weight"] <= STACKED_WEIGHT_TOL, worst
+
+
+def test_stacked_sweep_steps_never_wait_for_the_device(muon_config, cache32, val_cache32, tmp_path, monkeypatch,
+                                                       capsys):
+    """The stacked step (shipped head: frame track, dropout; 2 variants of one shape) over a resident
+    cache, each step under `DeviceWaits` (tests/training/test_lean_step.py): no host read, no
+    data-dependent shape."""
+    from test_lean_step import DeviceWaits
+
+    waits, real_fit = DeviceWaits(), sweep_module.fit
+
+    def watched_fit(accelerator, state, trainees, batches, step, end_epoch, **kwargs):
+        def watched(batch):
+            with waits:
+                return step(batch)
+        real_fit(accelerator, state, trainees, batches, watched, end_epoch, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "fit", watched_fit)
+    monkeypatch.setattr(loop_module, "PROGRESS_S", math.inf)
+    config = _config(muon_config, {"stack": True, "grid": {"train.lr": [1.0e-3, 3.0e-3]}}, batch_size=32, epochs=1,
+                     grad_clip=1.0)
+    rows = sweep(config, tmp_path / "sweep", cache=cache32.path, val_cache=val_cache32.path, data_mode="memory",
+                 device="cpu", workers=1)
+    assert "2 stacked in 1 group(s)" in capsys.readouterr().out
+    assert waits.found == []
+    assert all(row["steps"] == cache32.num_events // 32 for row in rows)
+
+
+def test_stacked_sweep_under_bf16_autocast(muon_config, cache32, val_cache32, tmp_path, monkeypatch,
+                                           one_torch_thread):
+    """mixed_precision bf16: the stacked forward runs under the accelerator's autocast as the separate
+    variants' prepared forwards do: its step losses are close to the separate sweep's (bf16 rounding),
+    and the stacked forward is called with bfloat16 autocast on."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # the state of the others' fp32 accelerators
+    seen = []
+    real = sweep_module.StackedHeads.predict_from_pairs
+
+    def spy(self, hb, pairs):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return real(self, hb, pairs)
+
+    monkeypatch.setattr(sweep_module.StackedHeads, "predict_from_pairs", spy)
+    losses = {}
+    for stack in (True, False):
+        config = _config(muon_config, {"stack": stack, "grid": {"train.lr": [1.0e-3, 3.0e-3]}}, batch_size=32,
+                         mixed_precision="bf16")
+        sweep(config, tmp_path / f"stack-{stack}", cache=cache32.path, val_cache=val_cache32.path,
+              data_mode="memory", device="cpu", max_steps=3, workers=1)
+        report = json.loads((tmp_path / f"stack-{stack}" / "sweep.json").read_text())
+        losses[stack] = torch.tensor([v["step_losses"] for v in report["variants"].values()])
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert seen == [True] * 3
+    assert losses[True].shape == losses[False].shape == (2, 3)
+    torch.testing.assert_close(losses[True], losses[False], rtol=2e-2, atol=0)
+
+
+@pytest.mark.gpu
+def test_stacked_sweep_steps_on_a_gpu_never_synchronise(muon_config, cache32, val_cache32, tmp_path, monkeypatch):
+    """The stacked step on a CUDA-resident cache under `torch.cuda.set_sync_debug_mode("error")` (after a
+    first step outside the check, which creates AdamW's state and the CUDA handles)."""
+    real_fit, checked = sweep_module.fit, []
+
+    def watched_fit(accelerator, state, trainees, batches, step, end_epoch, **kwargs):
+        def watched(batch):
+            if not checked:
+                checked.append(False)
+                out = step(batch)
+                torch.cuda.synchronize()
+                return out
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                out = step(batch)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            checked.append(True)
+            return out
+        real_fit(accelerator, state, trainees, batches, watched, end_epoch, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "fit", watched_fit)
+    monkeypatch.setattr(loop_module, "PROGRESS_S", math.inf)
+    config = _config(muon_config, {"stack": True, "grid": {"train.lr": [1.0e-3, 3.0e-3]}}, batch_size=32, epochs=2,
+                     grad_clip=1.0)
+    sweep(config, tmp_path / "sweep", cache=cache32.path, val_cache=val_cache32.path, data_mode="memory",
+          device="cuda", workers=1)
+    assert checked.count(True) == 2 * (cache32.num_events // 32) - 1
