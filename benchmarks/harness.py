@@ -409,7 +409,9 @@ def paired_training(benchmark, modes: tuple[str, str], settings: BenchSettings, 
     """Two training modes timed in alternating rounds of one epoch each (`settings.plan`'s steps):
     pytest-benchmark times `modes[0]`, each of its rounds after one round of `modes[1]` (its setup),
     so load on a shared machine lands on both alike. Returns None without timings, else
-    {"seconds": {mode: median round}, "rounds_s": {mode: [rounds]}, "steps"}."""
+    {"seconds": {mode: median round}, "rounds_s": {mode: [rounds]}, "steps", "ratio_median"}:
+    ratio_median is the median over rounds of modes[1]'s round / the modes[0] round right after it
+    (a level shift of the machine mid-run moves both rounds of a pair, not the ratio of medians)."""
     import statistics
 
     steps = settings.plan(modes[0])[0]
@@ -430,7 +432,15 @@ def paired_training(benchmark, modes: tuple[str, str], settings: BenchSettings, 
     if not benchmark.stats:
         return None
     rounds = {modes[0]: list(benchmark.stats.stats.data), modes[1]: other_s[1:]}
-    return {"seconds": {m: statistics.median(r) for m, r in rounds.items()}, "rounds_s": rounds, "steps": steps}
+    return {"seconds": {m: statistics.median(r) for m, r in rounds.items()}, "rounds_s": rounds, "steps": steps,
+            "ratio_median": paired_ratio(rounds[modes[1]], rounds[modes[0]])}
+
+
+def paired_ratio(numerators: list[float], denominators: list[float]) -> float:
+    """The median of the per-round ratios numerators[i] / denominators[i] (rounds taken back to back)."""
+    import statistics
+
+    return statistics.median(a / b for a, b in zip(numerators, denominators, strict=True))
 
 
 def _joint_loop(settings: BenchSettings, data: BenchData) -> TrainLoop:
@@ -691,8 +701,10 @@ def finalize(results: dict) -> dict:
                                                               rates.get("live_frozen_sparse"))
     s["extract_vs_forward"] = _ratio(s.get("extract_events_per_s"), s.get("forward_events_per_s"))
     s["cache_read_vs_memcpy"] = _ratio(s.get("cache_read_gbps"), s.get("memcpy_gbps"))
-    paired = (s.get("stream_vs_memory") or {}).get("seconds") or {}
-    s["cached_stream_vs_memory"] = _ratio(paired.get("cached_memory"), paired.get("cached_stream"))
+    # per-round ratios of the alternating rounds (`paired_training`), their median
+    rounds = (s.get("stream_vs_memory") or {}).get("rounds_s") or {}
+    s["cached_stream_vs_memory"] = (paired_ratio(rounds["cached_memory"], rounds["cached_stream"])
+                                    if rounds.get("cached_memory") and rounds.get("cached_stream") else None)
     settings = s.get("settings") or {}
     n_train = settings.get("n_train")
     extract_s = _ratio(n_train, s.get("extract_events_per_s"))
