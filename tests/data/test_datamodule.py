@@ -56,6 +56,37 @@ def test_reads_are_deterministic_in_any_order(events, hepattn_config):
         assert torch.equal(first[key][0], again[key][1][..., :first[key].shape[-1]]), key
 
 
+def test_reads_are_deterministic_while_torch_compile_runs_on_another_thread(events):
+    """torch.compile saves torch's global RNG state before each compilation and restores it after;
+    an event drawn on another thread meanwhile must not draw from the restored state (extraction
+    reads events on one thread while hepattn's compiled matching costs compile on another)."""
+    import threading
+
+    expected = [events.read(np.array([k]))["particle_hit_valid"] for k in range(len(events))]
+    done = threading.Event()
+
+    def compile_many():  # 60 compilations: a new code object each, eager backend (tracing only)
+        try:
+            x = torch.ones(3)
+            for i in range(60):
+                scope = {}
+                exec(f"def f(x):\n    return x * {i} + 1", scope)  # noqa: S102
+                torch.compile(scope["f"], backend="eager")(x)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=compile_many)
+    thread.start()
+    reads = 0
+    while not done.is_set():
+        k = reads % len(events)
+        got = events.read(np.array([k]))["particle_hit_valid"]
+        assert torch.equal(got, expected[k]), f"event {k}, read {reads}, differs while torch.compile ran"
+        reads += 1
+    thread.join()
+    assert reads >= 10  # reads in between the compilations
+
+
 def test_block_batches_are_reads_bucketed_by_hit_count(events):
     """Extraction's batches: every event of the block once, batches of similar hit counts (sorted
     within the block's window), each batch equal to `read` of its events."""
