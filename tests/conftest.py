@@ -3,15 +3,29 @@ simulated `muon` event files (session-scoped: simulated once per test run)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from cachefeat.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 MUON_CONFIG = ROOT / "configs" / "muon.yaml"
 MUON_CHECKPOINT = ROOT / "data" / "muon_stage1.ckpt"
+
+
+def pytest_configure(config):
+    """One intra-op torch thread for the whole run, here and (OMP_NUM_THREADS) in the commands the
+    tests start. Results of some kernels depend on the thread count in their last bits (measured:
+    torch 2.13's CPU scaled_dot_product_attention with 2 queries and an odd number of keys, on an
+    AMD EPYC, 1 vs 2 threads), and tests compare caches byte for byte across processes (torchrun
+    ranks start with one thread) and across fixtures built at different points of the run; the
+    run's thread count must not depend on which tests ran before. Tiny tensors: one thread is
+    also as fast, and immune to OpenMP spinning on a busy machine."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -302,8 +302,6 @@ def test_sweep_from_url(remote, cache, config_file, tmp_path, run_cli):
     config["sweep"] = {"grid": {"head.init_args.hidden_dim": [8, 16]}}
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(config))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # each worker thread then has 1 intra-op thread, in both runs
     try:
         for name, location in (("local", cache), ("remote", url)):
             AcceleratorState._reset_state(reset_partial_state=True)
@@ -313,7 +311,6 @@ def test_sweep_from_url(remote, cache, config_file, tmp_path, run_cli):
             assert rc == 0, err
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
-        torch.set_num_threads(threads)
     local, there = (json.loads((tmp_path / name / "sweep.json").read_text()) for name in ("local", "remote"))
     assert there["shared"]["workers"] == 2 and there["shared"]["data_mode"] == "stream"
     assert local["variants"].keys() == there["variants"].keys() == {"hidden_dim8", "hidden_dim16"}

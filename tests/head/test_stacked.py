@@ -52,7 +52,6 @@ def batch(cache32):
 @pytest.mark.parametrize("hit_net", ["mlp", "dense"])
 @pytest.mark.parametrize("frame", ["none", "track"])
 def test_stacked_equals_each_head_alone(muon_config, cache32, batch, frame, hit_net):
-    torch.set_num_threads(1)
     alone = _heads(muon_config, cache32, batch, frame=frame, hit_net=hit_net, hidden_dim=24)
     stacked_heads = copy.deepcopy(alone)
     stacked = StackedHeads(stacked_heads)

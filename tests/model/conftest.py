@@ -108,15 +108,6 @@ def repad(batch, extra_hits, pad_value, seed=0):
     return out
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to OpenMP spinning on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def make_batch():
     return synthetic_batch

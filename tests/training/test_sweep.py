@@ -84,7 +84,7 @@ def test_stack_setting_by_device_and_processes(muon_config):
         stack_setting(True, two)
 
 
-def test_frame_can_be_swept(muon_config, cache32, val_cache32, tmp_path, one_torch_thread):
+def test_frame_can_be_swept(muon_config, cache32, val_cache32, tmp_path):
     """head.init_args.frame is sweepable: each variant equals its separate run, bit for bit."""
     config = _config(muon_config, {"grid": {"head.init_args.frame": ["none", "track"]}}, batch_size=32)
     variants = sweep_variants(config)
@@ -105,17 +105,8 @@ def test_frame_can_be_swept(muon_config, cache32, val_cache32, tmp_path, one_tor
         sweep_variants(_config(muon_config, {"grid": {"head.init_args.frame": ["event"]}}))
 
 
-@pytest.fixture
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("workers", [1, 2])
-def test_each_variant_equals_its_separate_run(muon_config, cache32, val_cache32, tmp_path, monkeypatch, workers,
-                                              one_torch_thread):
+def test_each_variant_equals_its_separate_run(muon_config, cache32, val_cache32, tmp_path, monkeypatch, workers):
     """3 variants of 3 shapes (2 thresholds, another seed), dropout on, across an epoch boundary: the
     per-step losses, validation history and final weights equal `train(...)` alone, bit for bit, with
     the variants stepped one after another or on 2 threads. One torch thread throughout: a variant's
@@ -237,7 +228,7 @@ def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_stacked_sweep_equals_each_separate_run(muon_config, cache32, val_cache32, tmp_path, monkeypatch, capsys,
-                                                accumulation, device, one_torch_thread):
+                                                accumulation, device):
     """sweep.stack: true, 4 variants: 3 of one shape (base, another lr and weight decay, another seed and
     dropout) stepped as one stacked group, 1 of another hidden_dim stepped alone. Each variant's
     per-step losses, validation history and final weights equal `train(...)` alone, within the
@@ -314,8 +305,7 @@ def test_stacked_sweep_steps_never_wait_for_the_device(muon_config, cache32, val
     assert all(row["steps"] == cache32.num_events // 32 for row in rows)
 
 
-def test_stacked_sweep_under_bf16_autocast(muon_config, cache32, val_cache32, tmp_path, monkeypatch,
-                                           one_torch_thread):
+def test_stacked_sweep_under_bf16_autocast(muon_config, cache32, val_cache32, tmp_path, monkeypatch):
     """mixed_precision bf16: the stacked forward runs under the accelerator's autocast as the separate
     variants' prepared forwards do: its step losses are close to the separate sweep's (bf16 rounding),
     and the stacked forward is called with bfloat16 autocast on."""
