@@ -33,7 +33,7 @@ def test_cache_read(benchmark, dtype, bench_data, results):
     from cachefeat.cache.reader import CacheReader
 
     reader = CacheReader(bench_data.caches[dtype])
-    hb = benchmark.pedantic(reader.read_events, args=(0, reader.num_events), rounds=7, warmup_rounds=1)
+    hb = benchmark.pedantic(reader.read_events, args=(0, reader.num_events), rounds=21, warmup_rounds=2)
     assert hb.num_events == reader.num_events
     nbytes = _decoded_bytes(hb)
     results.setdefault("cache_read_bytes", {})[dtype] = nbytes

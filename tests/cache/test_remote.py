@@ -182,6 +182,27 @@ def test_missing_bucket(s3_server, config_file, checkpoint, events_file, ref, as
                      f"cannot create {url}/.lock: FileNotFoundError")
 
 
+def test_s3_sizes_come_from_one_listing(s3_server, cache, monkeypatch):
+    """On S3 the sizes of many keys (a reader's open, a writer's check of a block) come from a listing
+    of their common folder, not a HEAD each: the sizes of the local files, None for a missing key."""
+    from cachefeat.cache.schema import file_sizes
+    from cachefeat.cache.store import open_store
+
+    url = upload(s3_server, cache)
+    store, _ = open_store(url, read_only=True)
+    keys = sorted(p.relative_to(cache).as_posix() for p in cache.rglob("*") if p.is_file())
+    block = [k for k in keys if k.startswith("blocks/000001/")]
+    assert len(block) > 10
+
+    async def no_head(key):
+        raise AssertionError(f"a HEAD request for {key}")
+
+    monkeypatch.setattr(store, "getsize", no_head)
+    for wanted in (keys, block, block[:2] + ["blocks/000001/hits/embed/c/9/0"]):
+        assert file_sizes(store, wanted) == [(cache / k).stat().st_size if (cache / k).exists() else None
+                                             for k in wanted]
+
+
 def test_xrootd_store_answers_as_a_memory_store(xrootd_server):
     """XRootDStore against zarr's MemoryStore (the reference) on the same operations: gets (whole,
     ranges, missing), listings, sizes, deletes; then its exclusive create (MemoryStore has none)."""
