@@ -128,10 +128,10 @@ def test_cached_training_never_waits_for_the_device(muon_config, cache32, tmp_pa
     assert [s.train_loss() for s in stats] == [sum(values[:per_epoch]) / per_epoch, sum(values[per_epoch:]) / per_epoch]
 
 
-def test_train_steps_never_wait_for_the_device(muon_config, cache32, val_cache32, tmp_path, monkeypatch):
-    """`train`'s own step (`head_step` and its loss bookkeeping) over a resident cache, each step
-    under `DeviceWaits`; its step losses are read at the end of each epoch."""
-    waits, real_fit = DeviceWaits(), train_module.fit
+def watch_steps(module, monkeypatch) -> DeviceWaits:
+    """Patch `module.fit` (a trainer module's import of the loop) so that each step it takes runs under
+    one `DeviceWaits`, which is returned."""
+    waits, real_fit = DeviceWaits(), module.fit
 
     def watched_fit(accelerator, state, trainees, batches, step, end_epoch, **kwargs):
         def watched(batch):
@@ -139,7 +139,14 @@ def test_train_steps_never_wait_for_the_device(muon_config, cache32, val_cache32
                 return step(batch)
         real_fit(accelerator, state, trainees, batches, watched, end_epoch, **kwargs)
 
-    monkeypatch.setattr(train_module, "fit", watched_fit)
+    monkeypatch.setattr(module, "fit", watched_fit)
+    return waits
+
+
+def test_train_steps_never_wait_for_the_device(muon_config, cache32, val_cache32, tmp_path, monkeypatch):
+    """`train`'s own step (`head_step` and its loss bookkeeping) over a resident cache, each step
+    under `DeviceWaits`; its step losses are read at the end of each epoch."""
+    waits = watch_steps(train_module, monkeypatch)
     monkeypatch.setattr(loop, "PROGRESS_S", math.inf)
     config = copy.deepcopy(muon_config)
     config["train"].update(batch_size=32, epochs=2)

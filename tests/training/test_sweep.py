@@ -284,17 +284,9 @@ def test_stacked_sweep_steps_never_wait_for_the_device(muon_config, cache32, val
     """The stacked step (shipped head: frame track, dropout; 2 variants of one shape) over a resident
     cache, each step under `DeviceWaits` (tests/training/test_lean_step.py): no host read, no
     data-dependent shape."""
-    from test_lean_step import DeviceWaits
+    from test_lean_step import watch_steps
 
-    waits, real_fit = DeviceWaits(), sweep_module.fit
-
-    def watched_fit(accelerator, state, trainees, batches, step, end_epoch, **kwargs):
-        def watched(batch):
-            with waits:
-                return step(batch)
-        real_fit(accelerator, state, trainees, batches, watched, end_epoch, **kwargs)
-
-    monkeypatch.setattr(sweep_module, "fit", watched_fit)
+    waits = watch_steps(sweep_module, monkeypatch)
     monkeypatch.setattr(loop_module, "PROGRESS_S", math.inf)
     config = _config(muon_config, {"stack": True, "grid": {"train.lr": [1.0e-3, 3.0e-3]}}, batch_size=32, epochs=1,
                      grad_clip=1.0)
