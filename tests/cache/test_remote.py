@@ -350,11 +350,11 @@ def test_sweep_from_url(remote, cache, config_file, tmp_path, run_cli):
 
 
 @pytest.mark.slow
-def test_extract_two_processes_to_url(xrootd_server, cache, config_file, checkpoint, events_file, ref):
-    """torchrun with 2 CPU processes (gloo) extracting to root://: rank 0 takes the lock and creates the
+def test_extract_two_processes_to_url(remote, cache, config_file, checkpoint, events_file, ref):
+    """torchrun with 2 CPU processes (gloo) extracting to the URL: rank 0 takes the lock and creates the
     cache, each rank writes its blocks (rank 0: block 0, rank 1: blocks 1-2), rank 0 finalizes; the same
-    arrays and bytes as the local cache. (s3:// passes too, but takes 12 s on moto: not run here.)"""
-    url = fresh(xrootd_server, "two")
+    arrays and bytes as the local cache."""
+    url = fresh(remote, "two")
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     args = ref.extract_args(config_file, checkpoint, events_file, url)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -365,7 +365,7 @@ def test_extract_two_processes_to_url(xrootd_server, cache, config_file, checkpo
     for key in local:
         np.testing.assert_array_equal(there[key], local[key], err_msg=key)
     assert manifests(url) == manifests(cache)
-    assert xrootd_server.get(url[len(xrootd_server.base) + 1 :], ".lock") is None
+    assert remote.get(url[len(remote.base) + 1 :], ".lock") is None
 
 
 @pytest.mark.slow
