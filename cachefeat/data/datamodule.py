@@ -15,6 +15,7 @@ read order, any batch, also while torch.compile compiles on another thread (see 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -50,16 +51,17 @@ def build_datamodule(block: dict):
     return build_tree(block, LightningDataModule, "data.module")
 
 
+@functools.cache
 def _compile_lock():
     """The lock torch.compile holds while it compiles, as a context manager (a no-op where torch
-    has none).
+    has none); looked up once per process.
 
     torch.compile saves torch's global CPU RNG state before each compilation and restores it after
     (torch._dynamo's `preserve_global_state`, under `compile_lock`, torch 2.x). An event drawn from
-    that RNG on another thread in between is drawn, in part, from the restored state: measured, 1
-    event in ~100 of an extraction differed (hepattn's matching costs are compiled functions, and
-    extraction matches on one thread while it reads events on another). Seeding and drawing an
-    event under the same lock makes the two exclusive.
+    that RNG on another thread in between is drawn, in part, from the restored state: measured, 1-2
+    of the 160 events of the tests' hepattn extraction differed, now and then (hepattn's matching
+    costs are compiled functions, and extraction matches on one thread while it reads events on
+    another). Seeding and drawing an event under the same lock makes the two exclusive.
     """
     try:
         from torch._dynamo.convert_frame import compile_lock
