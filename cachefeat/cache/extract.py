@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import errno
 import logging
+import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -306,10 +308,14 @@ def extract(
     backbone = FrozenBackbone(config, checkpoint, device=device, precision=opts["precision"])
     events = open_events(config, input)
     settings = fingerprint_settings(opts)
+    # One process: the input's content hash (a full pass over the input) is computed alongside
+    # the extraction, and the writer stores it before its first commit. Several processes: every
+    # rank needs it before rank 0 creates the root, as the others compare the root with theirs.
+    input_hash = None if distributed else _in_background(events.content_hash, "cachefeat-input-hash")
     fingerprint = make_fingerprint(
         checkpoint_sha256=backbone.checkpoint_sha256,
         backbone_config=backbone_fingerprint_inputs(config),
-        input_hash=events.content_hash(),
+        input_hash=events.content_hash() if distributed else None,
         settings=settings,
     )
     writer_args = dict(
@@ -327,7 +333,7 @@ def extract(
     )
 
     # Rank 0 creates (or checks) the store, then the others open it.
-    writer = _on_main(state, output, lambda: CacheWriter(output, mode=mode, **writer_args))
+    writer = _on_main(state, output, lambda: CacheWriter(output, mode=mode, input_hash=input_hash, **writer_args))
     if writer is None:
         writer = CacheWriter(output, mode="resume", **writer_args)
 
@@ -364,6 +370,8 @@ def extract(
         _close_quietly(writer)
     finally:
         bar.close()
+        if input_hash is not None and input_hash.done():
+            input_hash.thread.join()  # finishing; after an error it may still be reading `events`
         events.close()
     stats["bytes_written"] = writer.bytes_written
     stats["seconds"] = time.perf_counter() - started
@@ -383,6 +391,22 @@ def extract(
     summary["events_per_s"] = summary["events"] / summary["seconds"] if summary["seconds"] > 0 else 0.0
     summary.update(output=str(output), world=state.num_processes, rank=state.process_index, **settings)
     return summary
+
+
+def _in_background(fn, name: str) -> Future:
+    """A Future of fn(), run on a new thread (`future.thread`). A daemon thread: a failed
+    extraction exits without waiting for it, and nothing reads its result."""
+    future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn())
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for the result
+            future.set_exception(exc)
+
+    future.thread = threading.Thread(target=run, name=name, daemon=True)
+    future.thread.start()
+    return future
 
 
 def _check_device(device) -> torch.device:

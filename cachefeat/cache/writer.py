@@ -15,6 +15,10 @@ Multi-process protocol (ranks write disjoint, contiguous block ranges; no file i
 4. barrier; rank 0 calls `finalize()`, which checks every block and marks the cache complete.
 
 A single process is the world-size-1 case: construct, write, `finalize()` (which closes).
+There the input's content hash may still be computing when the writer is constructed
+(`input_hash`, a Future): the root then records `"input_hash_pending": true` and the hash is
+stored before the first block commits, so a cache whose hash is pending holds no committed
+block, and `resume` starts it again.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import os
 import queue
 import socket
 import threading
+from concurrent.futures import Future
 
 import numpy as np
 import torch
@@ -125,6 +130,10 @@ class CacheWriter:
             (delete an existing cache). Only rank 0 applies it.
         rank, world: this process and the number of writer processes (see the module docs).
         queue_depth: blocks that may wait for the writer thread.
+        input_hash: a Future of the fingerprint's "input_hash" (world 1 only), for a hash computed
+            alongside the extraction: waited for before the first block commits, at `close`, or
+            at opening when an existing cache must be compared with it. The fingerprint's own
+            "input_hash" is then ignored.
     """
 
     def __init__(
@@ -144,6 +153,7 @@ class CacheWriter:
         rank: int = 0,
         world: int = 1,
         queue_depth: int = 2,
+        input_hash: Future | None = None,
     ):
         if embed_dtype not in schema.EMBED_DTYPES:
             raise UserError(
@@ -153,6 +163,8 @@ class CacheWriter:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} outside world size {world}")
+        if input_hash is not None and world != 1:
+            raise ValueError("a pending input_hash needs world size 1 (other ranks compare the root with theirs)")
         if block_size < 1 or num_events < 0:
             raise ValueError("block_size must be >= 1 and num_events >= 0")
         if len(set(metric_names)) != len(metric_names) or any("/" in m or not m for m in metric_names):
@@ -166,10 +178,14 @@ class CacheWriter:
         self.metric_names = list(metric_names)
         self.bytes_written = 0
         self._where = describe(path)
+        self._input_hash = input_hash
+        if input_hash is not None:
+            fingerprint = {**fingerprint, "input_hash": None}
         self._attrs = _json(
             {
                 "format_version": schema.FORMAT_VERSION,
                 "fingerprint": fingerprint,
+                "input_hash_pending": input_hash is not None,
                 "settings": settings,
                 "raw_fields": self.raw_fields,
                 "particle_fields": self.particle_fields,
@@ -233,7 +249,13 @@ class CacheWriter:
                 if others:
                     raise UserError(f"cannot resume {self._where}: it is not a cachefeat cache")
                 self._create_root()
+            elif mode == "resume" and existing.get("input_hash_pending"):
+                # killed before its first commit (the hash is stored before it): nothing to keep
+                log.info("cache %s has no committed block yet; starting it again", self._where)
+                schema.delete_prefix(self._store, "", keep=(schema.LOCK_NAME,))
+                self._create_root()
             elif mode == "resume":
+                self._store_input_hash(root=None)
                 self._check_matches(existing, "resume")
                 self._remove_orphans()
                 # incomplete again until `finalize`, which re-checks every block
@@ -255,6 +277,17 @@ class CacheWriter:
     def _create_root(self) -> None:
         root = zarr.create_group(self._store, attributes=self._attrs, overwrite=False)
         root.create_group(schema.BLOCKS)
+
+    def _store_input_hash(self, root) -> None:
+        """Wait for a pending input hash and put it in the fingerprint (and in `root`'s
+        attributes, when given); a no-op once done. A failed hash raises here."""
+        if self._input_hash is None:
+            return
+        fingerprint = {**self._attrs["fingerprint"], "input_hash": self._input_hash.result()}
+        self._attrs.update(fingerprint=fingerprint, input_hash_pending=False)
+        if root is not None:
+            root.update_attributes({"fingerprint": fingerprint, "input_hash_pending": False})
+        self._input_hash = None
 
     def _open_other(self) -> None:
         existing = schema.node_attributes(self._store, [""])[0]
@@ -449,6 +482,7 @@ class CacheWriter:
         return exc
 
     def _write(self, block: int, arrays: dict[str, np.ndarray]) -> None:
+        self._store_input_hash(self._root)  # before any block commits
         prefix = schema.block_key(block)
         start, stop = self.block_range(block)
         group = self._root.create_group(prefix, overwrite=True)  # drops a partial block from a killed run
@@ -471,8 +505,12 @@ class CacheWriter:
         self._closed = True
         self._queue.put(None)
         self._thread.join()
-        if self._lock is not None:
-            self._lock.release()
+        try:
+            if self._error is None:
+                self._store_input_hash(self._root)  # a run that committed no block
+        finally:
+            if self._lock is not None:
+                self._lock.release()
         if self._error is not None:
             raise self._error
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 
 import numpy as np
 import pytest
@@ -36,6 +37,39 @@ def test_cache_records_fingerprint_and_settings(ref, cache, checkpoint):
     }
     assert reader.block_size == BLOCK and reader.num_blocks == -(-NUM_EVENTS // BLOCK)
     assert reader.raw_fields == ref.TINY_CONFIG["data"]["hit_fields"]
+
+
+def test_input_hash_runs_alongside_the_extraction(ref, cache, tiny_config, checkpoint, events_file, tmp_path,
+                                                  monkeypatch):
+    """The input's content hash (a full pass over the input) does not hold up the pipeline: a hash
+    that can only finish once the first batch has been read still gives the cache, which records
+    the hash of a fresh `EventFile` of the input and equals the CLI's extraction (`cache`)."""
+    from cachefeat.cache.reader import CacheReader
+    from cachefeat.data.events import EventFile
+
+    data = tiny_config["data"]
+    with EventFile(events_file, data["hit_fields"], data["particle_fields"]) as fresh:
+        want = fresh.content_hash()
+    first_read = threading.Event()
+    content_hash, block_batches = EventFile.content_hash, EventFile.block_batches
+
+    def waiting_hash(self):
+        if not first_read.wait(timeout=20):
+            raise AssertionError("the extraction waited for the input hash before reading any event")
+        return content_hash(self)
+
+    def batches(self, *args, **kwargs):
+        for item in block_batches(self, *args, **kwargs):
+            first_read.set()
+            yield item
+
+    monkeypatch.setattr(EventFile, "content_hash", waiting_hash)
+    monkeypatch.setattr(EventFile, "block_batches", batches)
+    out = tmp_path / "alongside.zarr"
+    extract(tiny_config, checkpoint, events_file, out, progress=False)
+    assert CacheReader(out).fingerprint["input_hash"] == want
+    assert CacheReader(out).fingerprint == CacheReader(cache).fingerprint
+    ref.assert_same_cache(cache, out)
 
 
 def test_mid_floor_leaves_queries_without_pairs(ref, tiny_config, checkpoint, events_file, live, tmp_path):

@@ -7,6 +7,7 @@ in it comes from the cache code or `cachefeat.head.inputs.concat`.
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -546,3 +547,85 @@ def test_write_block_validates_its_input(tmp_path, events):
     with pytest.raises(ValueError, match="same event"):
         writer.write_block(0, bad, block_metrics(events[:BLOCK]))
     writer.close()
+
+
+def _root_attrs(path) -> dict:
+    import json
+
+    return json.loads((path / "zarr.json").read_text())["attributes"]
+
+
+def test_pending_input_hash_is_stored_before_the_first_commit(tmp_path, caches, events):
+    """A hash still computing when the writer opens (`input_hash`, a Future): the root says it is
+    pending, block 0 waits for it uncommitted, and the finished cache holds the hash, with the
+    same block files as a writer given the hash up front."""
+    from concurrent.futures import Future
+
+    once = caches()
+    path = tmp_path / "pending.zarr"
+    future = Future()
+    writer = make_writer(path, fingerprint={"checkpoint_sha256": "ab" * 32, "input_hash": "ignored"},
+                         input_hash=future)
+    assert _root_attrs(path)["input_hash_pending"] is True
+    assert _root_attrs(path)["fingerprint"]["input_hash"] is None
+    write_blocks(writer, events, blocks=[0])
+    time.sleep(0.5)  # time for block 0 to commit, were it not waiting for the hash
+    assert "committed" not in (schema.node_attributes(writer._store, [schema.block_key(0)])[0] or {})
+    future.set_result("in1")
+    write_blocks(writer, events, blocks=[1, 2, 3, 4])
+    writer.finalize()
+    attrs = _root_attrs(path)
+    assert attrs["input_hash_pending"] is False and attrs["fingerprint"]["input_hash"] == "in1"
+    assert CacheReader(path).fingerprint == CacheReader(once).fingerprint
+    assert manifests(path) == manifests(once)
+
+
+def test_resume_restarts_a_cache_whose_hash_never_arrived(tmp_path, caches, events, caplog):
+    """The hash failed (or the run was killed) before any commit: the root stays pending; a plain
+    run is refused as incomplete, `resume` starts the cache again and ends as an uninterrupted one."""
+    from concurrent.futures import Future
+
+    once = caches()
+    path = tmp_path / "no-hash.zarr"
+    future = Future()
+    future.set_exception(OSError("cannot read the input"))
+    writer = make_writer(path, input_hash=future)
+    write_blocks(writer, events, blocks=[0])
+    with pytest.raises(OSError, match="cannot read the input"):
+        writer.close()
+    assert _root_attrs(path)["input_hash_pending"] is True
+    assert not (path / schema.LOCK_NAME).exists()
+    with pytest.raises(UserError, match="incomplete; use --resume or --overwrite"):
+        make_writer(path)
+    with caplog.at_level("INFO", logger="cachefeat.cache.writer"):
+        writer = make_writer(path, mode="resume")
+    assert "no committed block yet; starting it again" in caplog.text
+    assert writer.pending_blocks() == [0, 1, 2, 3, 4]
+    write_blocks(writer, events)
+    writer.finalize()
+    assert manifests(path) == manifests(once)
+    assert CacheReader(path).fingerprint == CacheReader(once).fingerprint
+
+
+def test_resume_with_a_pending_hash_compares_it(tmp_path, events):
+    """Resuming a started cache waits for the pending hash and refuses another input's."""
+    from concurrent.futures import Future
+
+    path = tmp_path / "started.zarr"
+    writer = make_writer(path)
+    write_blocks(writer, events, blocks=[0, 1])
+    writer.close()
+    for value, error in (("in2", "input data differs"), ("in1", None)):
+        future = Future()
+        future.set_result(value)
+        if error:
+            with pytest.raises(UserError, match=error):
+                make_writer(path, mode="resume", input_hash=future)
+        else:
+            writer = make_writer(path, mode="resume", input_hash=future)
+            assert writer.pending_blocks() == [2, 3, 4]
+            write_blocks(writer, events)
+            writer.finalize()
+    assert CacheReader(path).fingerprint["input_hash"] == "in1"
+    with pytest.raises(ValueError, match="world size 1"):
+        make_writer(tmp_path / "ranks.zarr", world=2, input_hash=Future())
