@@ -629,3 +629,18 @@ def test_resume_with_a_pending_hash_compares_it(tmp_path, events):
     assert CacheReader(path).fingerprint["input_hash"] == "in1"
     with pytest.raises(ValueError, match="world size 1"):
         make_writer(tmp_path / "ranks.zarr", world=2, input_hash=Future())
+
+
+def test_float_arrays_written_with_blosc_still_read(tmp_path, events, monkeypatch):
+    """Caches written before the 1-D float arrays and the targets were stored raw (Blosc on them)
+    read back as the reference."""
+    import json
+
+    monkeypatch.setattr(schema, "RAW_KEYS", frozenset({"hits/raw", "hits/embed", "queries/embed"}))
+    path = write_cache(tmp_path / "older.zarr", events)
+    monkeypatch.undo()
+    for key in ("queries/valid_logit", "queries/targets", "pairs/logit"):
+        meta = json.loads((path / "blocks" / "000000" / key / "zarr.json").read_text())
+        assert [c["name"] for c in meta["codecs"]] == ["bytes", "blosc", "crc32c"], key
+    assert_batches_equal(CacheReader(path).read_events(0, E), reference_batch(events))
+    assert_batches_equal(CacheReader(path).read_events(3, 17), reference_batch(events[3:17]))
