@@ -123,10 +123,11 @@ class BenchSettings:
     max_epochs: int
 
     def data_key(self) -> str:
-        """Hash of everything that determines the data folder's content, and of the cachefeat version
-        and cache format (a data folder of another format is rebuilt, not refused)."""
+        """Hash of everything that determines the data folder's content, and of the cachefeat version,
+        cache format and the arrays stored without Blosc (a data folder of another layout is rebuilt,
+        not refused or measured as if it were this one)."""
         import cachefeat
-        from cachefeat.cache.schema import FORMAT_VERSION
+        from cachefeat.cache.schema import FORMAT_VERSION, RAW_KEYS
 
         fields = {k: v for k, v in asdict(self).items()
                   if k in ("name", "config", "preset", "n_train", "n_val", "n_extract", "seed", "device")}
@@ -134,6 +135,7 @@ class BenchSettings:
         fields["config_sha256"] = _file_sha256(ROOT / self.config)
         fields["cachefeat"] = cachefeat.__version__
         fields["cache_format"] = FORMAT_VERSION
+        fields["raw_arrays"] = sorted(RAW_KEYS)
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
     def load_config(self) -> dict:
