@@ -361,12 +361,38 @@ def build_loop(mode: str, settings: BenchSettings, data: BenchData) -> TrainLoop
     the step of `train.py`, over the mode's source."""
     if mode == "joint":
         return _joint_loop(settings, data)
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    from cachefeat.training.loop import head_step, step_input
+
+    h = _head_setup(mode, settings, data)
+
+    def step(hb) -> None:
+        head_step(h.accelerator, [h.trainee], step_input(hb, h.device), h.grad_clip)
+
+    return TrainLoop(step, _endless(h.source.batches), lambda hb: hb.num_events, settings.device, h.closers)
+
+
+@dataclass
+class HeadSetup:
+    """What a head mode's loop steps with: the accelerator, the prepared trainee, the batch source,
+    the device, train.grad_clip, and what to close at the end."""
+
+    accelerator: object
+    trainee: object
+    source: object
+    device: object
+    grad_clip: float
+    closers: list
+
+
+def _head_setup(mode: str, settings: BenchSettings, data: BenchData) -> HeadSetup:
+    """train.py's setup for a head mode (not joint): the head built and its scaling fitted as train
+    does, AdamW + OneCycle prepared (`loop.prepare_trainee`), in train mode, over the mode's source."""
+    if mode not in MODES or mode == "joint":
+        raise ValueError(f"mode must be one of {MODES[1:]}, not {mode!r}")
     from cachefeat.cache.reader import CacheReader
     from cachefeat.config import section
     from cachefeat.head.checkpoint import build_head
-    from cachefeat.training.loop import head_step, make_accelerator, prepare_trainee, scaling_batch, step_input
+    from cachefeat.training.loop import make_accelerator, prepare_trainee, scaling_batch
     from cachefeat.training.sources import CacheMemorySource, CacheStreamSource, LiveSource
     from cachefeat.training.train import DEFAULTS
 
@@ -400,11 +426,77 @@ def build_loop(mode: str, settings: BenchSettings, data: BenchData) -> TrainLoop
     head.fit_scaling(first.targets, first.target_valid, first)
     trainee = prepare_trainee(accelerator, head, train_settings["lr"], train_settings["weight_decay"], 10**7)
     trainee.model.train()
+    return HeadSetup(accelerator, trainee, source, device, train_settings["grad_clip"], closers)
 
-    def step(hb) -> None:
-        head_step(accelerator, [trainee], step_input(hb, device), train_settings["grad_clip"])
 
-    return TrainLoop(step, _endless(source.batches), lambda hb: hb.num_events, settings.device, closers)
+STEP_PHASES = ("batch", "to_device", "forward", "loss", "backward", "update")
+
+
+def step_breakdown(settings: BenchSettings, data: BenchData, steps: int = 48, warmup: int = 8) -> dict:
+    """Where a cached step's time goes: the step of `loop.head_step` on the resident float32 cache,
+    split at its phase boundaries with the device synchronised after each (STEP_PHASES: the batch's
+    gather from the resident cache, `step_input`, the head's forward, its loss, the backward, and
+    `loop.optimizer_update`: clipping, AdamW, the schedule, zeroing), next to the production step
+    itself (`head_step`, synchronised once at the end) over the same batches from a second, identical
+    setup. Each side runs `warmup` steps, then `steps` timed ones.
+
+    Returns {"ms": {phase: median ms per step}, "phases_sum_ms", "step_ms" (the production step's
+    mean ms per step), "steps", "max_loss_difference" (largest |loss| difference between the split
+    and the production steps, relative: 0 on the CPU, where both run the same ops on the same
+    tensors; the caller asserts it, so the breakdown is known to time the production computation)}.
+    """
+    from cachefeat.training.loop import global_mean_loss, head_step, optimizer_update, step_input
+
+    split, production = (_head_setup("cached_memory", settings, data) for _ in range(2))
+
+    def phased(h: HeadSetup, batches, timed: dict) -> float:
+        t = h.trainee
+        marks = [time.perf_counter()]
+
+        def mark() -> None:
+            sync(settings.device)
+            marks.append(time.perf_counter())
+
+        with h.accelerator.accumulate(t.model):
+            hb = next(batches)
+            mark()
+            hb = step_input(hb, h.device)
+            mark()
+            predicted = t.model(hb)
+            mark()
+            loss = global_mean_loss(t.module.loss(predicted, hb), hb, h.accelerator)
+            mark()
+            h.accelerator.backward(loss)
+            mark()
+            optimizer_update(h.accelerator, t.model, t.optimizer, t.scheduler, h.grad_clip)
+            mark()
+        for phase, a, b in zip(STEP_PHASES, marks, marks[1:]):
+            timed[phase].append(b - a)
+        return float(loss.detach())
+
+    timed: dict = {p: [] for p in STEP_PHASES}
+    batches = _endless(split.source.batches)
+    split_losses = [phased(split, batches, timed) for _ in range(warmup + steps)]
+    timed = {p: v[warmup:] for p, v in timed.items()}
+
+    batches = _endless(production.source.batches)
+    values = [head_step(production.accelerator, [production.trainee], step_input(next(batches), production.device),
+                        production.grad_clip).values for _ in range(warmup)]
+    sync(settings.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        values.append(head_step(production.accelerator, [production.trainee],
+                                step_input(next(batches), production.device), production.grad_clip).values)
+    sync(settings.device)
+    step_ms = 1e3 * (time.perf_counter() - start) / steps
+    production_losses = [float(v[0]) for v in values]
+    for h in (split, production):
+        for close in h.closers:
+            close()
+    ms = {p: 1e3 * statistics.median(v) for p, v in timed.items()}
+    worst = max(abs(a - b) / max(abs(b), 1e-30) for a, b in zip(split_losses, production_losses))
+    return {"ms": ms, "phases_sum_ms": sum(ms.values()), "step_ms": step_ms, "steps": steps,
+            "max_loss_difference": worst}
 
 
 def paired_training(benchmark, modes: tuple[str, str], settings: BenchSettings, data: BenchData) -> dict | None:
@@ -920,6 +1012,7 @@ def _markdown_muon(s: dict) -> str:
         f"| cache read, decoded (GB/s) | {_fmt(s.get('cache_read_gbps'))} |",
         f"| memcpy, same bytes (GB/s) | {_fmt(s.get('memcpy_gbps'))} |",
         f"| cache read / memcpy | {_fmt(s.get('cache_read_vs_memcpy'))} |",
+        *_markdown_step_breakdown(s.get("cached_step_breakdown"), st.get("batch_size")),
         "", "## Peak resident memory (fresh process, MB)", "", "| mode | MB |", "|---|---:|",
         *(f"| {MODE_LABELS.get(k, k)} | {_fmt(v)} |" for k, v in (s.get("peak_rss_mb") or {}).items()),
     ]
@@ -948,7 +1041,7 @@ def _markdown_muon(s: dict) -> str:
                                   "cache_over_dense", "compression_ratio", "cache_read_vs_memcpy", "data",
                                   "speedup_cached_memory_vs_live_frozen_sparse", "session_wall_s",
                                   "cache_read_gbps_by_dtype", "cache_read_bytes", "peak_cuda_mb", "trackml",
-                                  "trackml_only", "cached_stream_vs_memory"}
+                                  "trackml_only", "cached_stream_vs_memory", "cached_step_breakdown"}
     extra = {k: v for k, v in s.items() if k not in known}
     if extra:
         lines += ["", "## Other results", ""]
@@ -957,6 +1050,23 @@ def _markdown_muon(s: dict) -> str:
     if s.get("missing"):
         lines += ["", f"Not measured in this run: {', '.join(s['missing'])}."]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _markdown_step_breakdown(b: dict | None, batch_size) -> list[str]:
+    """The cached step's phases (`step_breakdown`) as a table, or nothing when not measured."""
+    if not b:
+        return []
+    labels = {"batch": "gather the batch from the resident cache", "to_device": "`step_input` (to the device, float32)",
+              "forward": "head forward", "loss": "loss", "backward": "backward",
+              "update": "clip, AdamW, schedule, zero grads"}
+    total = b["phases_sum_ms"]
+    return [
+        "", f"## Cached step, phase by phase (batch {batch_size}, ms per step, device synchronised after each phase)",
+        "", "| phase | ms | share |", "|---|---:|---:|",
+        *(f"| {labels.get(k, k)} | {_fmt(v)} | {_fmt(100 * v / total, 2)}% |" for k, v in b["ms"].items()),
+        f"| sum of the phases | {_fmt(total)} | |",
+        f"| the production step (`head_step`), synchronised once per {b['steps']} steps | {_fmt(b['step_ms'])} | |",
+    ]
 
 
 def plot_throughput(s: dict, path: Path) -> None:
