@@ -251,11 +251,11 @@ BLOSC_COST = 2.5
 
 def _run(calls: list[tuple], done: Callable[[int, BaseException | None], None]) -> None:
     """The chunk reads, each followed by `done(index, its error or None)` on the same thread, on
-    up to `READ_THREADS` threads: the calling thread and threads started for this call (none
-    lingers). The read syscalls, Blosc and the crc32c (`crc32c` package) release the GIL, so chunks
-    are read and checked in parallel. Each thread gets one share of the chunks, balanced by their
-    cost (largest first onto the least loaded share): one task per thread, as a thread pool's
-    per-task and start-up overhead (~0.5 ms) would cost more than a muon block's small chunks."""
+    up to `READ_THREADS` threads: the calling thread and the kept helper threads (`_Helpers`). The
+    read syscalls, Blosc and the crc32c (`crc32c` package) release the GIL, so chunks are read and
+    checked in parallel. Each thread gets one share of the chunks, balanced by their cost (largest
+    first onto the least loaded share): one task per thread, as a thread pool's per-task overhead
+    would cost more than a muon block's small chunks."""
     workers = min(READ_THREADS, len(calls))
     shares: list[list[int]] = [[] for _ in range(max(workers, 1))]
     loads = [0.0] * len(shares)
@@ -268,15 +268,78 @@ def _run(calls: list[tuple], done: Callable[[int, BaseException | None], None]) 
         for i in share:
             done(i, _call(calls[i]))
 
-    threads = [threading.Thread(target=work, args=(share,), name="cachefeat-read", daemon=True)
-               for share in shares[1:] if share]
-    for thread in threads:
-        thread.start()
+    handed = [_HELPERS.submit(k, work, share) for k, share in enumerate(shares[1:]) if share]
     try:
         work(shares[0])
     finally:
-        for thread in threads:
-            thread.join()
+        for task in handed:
+            task.wait()
+
+
+class _Task:
+    """One share handed to a helper thread: `wait()` returns once it ran, re-raising its error."""
+
+    def __init__(self, fn, arg):
+        self.fn, self.arg = fn, arg
+        self.error: BaseException | None = None
+        self.finished = threading.Event()
+
+    def run(self) -> None:
+        try:
+            self.fn(self.arg)
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
+            self.error = exc
+        finally:
+            self.finished.set()
+
+    def wait(self) -> None:
+        self.finished.wait()
+        if self.error is not None:
+            raise self.error
+
+
+HELPER_NAME = "cachefeat-chunk-reader"  # the helper threads' names: HELPER_NAME-0, HELPER_NAME-1, ...
+
+
+class _Helpers:
+    """The read helper threads, started on first use and kept (daemon threads, idle on a queue):
+    starting a thread per read cost ~0.2 ms on the 2-core VM, a tenth of a whole muon block's
+    read. Helper k runs the shares handed to it one after another, so concurrent reads (a stream's
+    prefetch thread and the trainer) share the helpers and wait for each other's shares, never
+    for more threads than cores. A forked child starts its own (the parent's do not exist there)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._queues: list = []
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        self._lock = threading.Lock()
+        self._queues = []
+
+    def submit(self, k: int, fn, arg) -> _Task:
+        """Run fn(arg) on helper k (started if needed); returns its `_Task`."""
+        import queue
+
+        with self._lock:
+            while len(self._queues) <= k:
+                tasks: queue.SimpleQueue = queue.SimpleQueue()
+                threading.Thread(target=self._serve, args=(tasks,), name=f"{HELPER_NAME}-{len(self._queues)}",
+                                 daemon=True).start()
+                self._queues.append(tasks)
+            tasks = self._queues[k]
+        task = _Task(fn, arg)
+        tasks.put(task)
+        return task
+
+    @staticmethod
+    def _serve(tasks) -> None:
+        while True:
+            tasks.get().run()
+
+
+_HELPERS = _Helpers()
 
 
 def _cost(call: tuple) -> float:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from zarr.storage import MemoryStore
 
-from cachefeat.cache import CacheReader, CacheWriter, schema
+from cachefeat.cache import CacheReader, CacheWriter, chunkio, schema
 from cachefeat.errors import UserError
 from cachefeat.head.inputs import HeadBatch
 
@@ -257,8 +257,6 @@ def test_round_trip(caches, events, kind, embed_dtype):
 def test_layouts_outside_the_direct_reader_are_read_through_zarr(caches, events, kind, monkeypatch):
     """Arrays whose layout `chunkio` does not read (here: pair rows and hit embeddings, as if another
     writer had stored them) are read through zarr into the same batch, pair rows rebased alike."""
-    from cachefeat.cache import chunkio
-
     direct = chunkio.parse_layout
 
     def only_some(meta):
@@ -272,6 +270,54 @@ def test_layouts_outside_the_direct_reader_are_read_through_zarr(caches, events,
             reader._chunks._layouts.items() if layout is None} >= {"pairs/query", "pairs/hit", "hits/embed"}
     for start, stop in [(0, E), (3, 17), (9, 10)]:
         assert_batches_equal(reader.read_events(start, stop), reference_batch(events[start:stop]))
+
+
+def test_concurrent_reads_share_the_helper_threads(caches, events):
+    """Reads from several threads at once (a stream's prefetch thread and the trainer, sweep workers)
+    hand their shares to the same kept helper threads: each gets its own brute-force batch."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    reader = CacheReader(caches())
+    ranges = [(0, E), (3, 17), (9, 10), (5, 23)] * 4
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda r: reader.read_events(*r), ranges))
+    for (start, stop), batch in zip(ranges, got):
+        assert_batches_equal(batch, reference_batch(events[start:stop]))
+    assert len([t for t in threading.enumerate() if t.name.startswith(chunkio.HELPER_NAME)]) <= chunkio.READ_THREADS - 1
+
+
+def _read_in_child(path, start, stop, out) -> None:
+    out.put(CacheReader(path).read_events(start, stop).hit_embed.numpy().tobytes())
+
+
+@pytest.mark.skipif(chunkio.READ_THREADS < 2, reason="one usable core: reads start no helper thread")
+def test_a_forked_child_reads_with_its_own_helpers(caches):
+    """A child forked after the parent's reads started the helper threads (which do not exist in the
+    child) reads as the parent does instead of handing its shares to threads that are not there."""
+    import multiprocessing
+
+    path = caches()
+    parent = CacheReader(path).read_events(0, E).hit_embed.numpy().tobytes()
+    assert any(t.name.startswith(chunkio.HELPER_NAME) for t in threading.enumerate())
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    child = ctx.Process(target=_read_in_child, args=(path, 0, E, out))
+    child.start()
+    try:
+        got = out.get(timeout=60)
+    finally:
+        child.join(timeout=60)
+        if child.is_alive():
+            child.kill()
+    assert child.exitcode == 0 and got == parent
+
+
+def test_a_helper_threads_error_reaches_the_caller():
+    def boom(arg):
+        raise RuntimeError(f"share {arg} failed")
+
+    with pytest.raises(RuntimeError, match="share 7 failed"):
+        chunkio._HELPERS.submit(0, boom, 7).wait()
 
 
 def test_checksums_are_zarrs_crc32c(caches):
@@ -392,12 +438,15 @@ def test_stream_of_valid_targets_is_the_masked_brute_force(caches, events, buffe
 
 
 def test_stream_stops_its_prefetch_thread(caches):
+    def running() -> set[str]:  # the chunk reader's helper threads are kept by design
+        return {t.name for t in threading.enumerate() if not t.name.startswith(chunkio.HELPER_NAME)}
+
     reader = CacheReader(caches())
-    before = threading.active_count()
+    before = running()
     stream = reader.stream(2, seed=0, epoch=0, buffer_blocks=1, prefetch=1)
     next(stream)
     stream.close()
-    assert threading.active_count() == before
+    assert running() == before
 
 
 # --- writer modes, resume, ranks ----------------------------------------------------------------
