@@ -113,9 +113,13 @@ def paths(tmp_path_factory, cache32, muon_config) -> dict:
     meta = json.loads((p["incomplete"] / "zarr.json").read_text())
     meta["attributes"]["complete"] = False
     (p["incomplete"] / "zarr.json").write_text(json.dumps(meta))
+    (p["incomplete"] / "checksums.json").unlink()  # an incomplete cache has none yet
     p["bad_root_json"] = work / "bad_root_json.zarr"
     shutil.copytree(p["other_cache"], p["bad_root_json"])
     (p["bad_root_json"] / "zarr.json").write_text("{not json")
+    p["bad_root_json_unsummed"] = work / "bad_root_json_unsummed.zarr"  # completed before checksums.json
+    shutil.copytree(p["bad_root_json"], p["bad_root_json_unsummed"])
+    (p["bad_root_json_unsummed"] / "checksums.json").unlink()
     p["not_cache"] = work / "plain_dir"
     p["not_cache"].mkdir()
 
@@ -169,9 +173,11 @@ MISTAKES = {
     "info-missing": ("info {work}/nope.zarr", "no cache at"),
     "info-not-a-cache": ("info {not_cache}", "is not a cachefeat cache"),
     "info-incomplete": ("info {incomplete}", "is incomplete"),
-    "info-damaged-root-json": ("info {bad_root_json}", "zarr.json is not valid JSON"),
+    "info-damaged-root-json": ("info {bad_root_json}", "is damaged: zarr.json differs from its entry"),
     "train-damaged-root-json": (TRAIN.replace("--cache {cache}", "--cache {bad_root_json}"),
-                                "zarr.json is not valid JSON"),
+                                "is damaged: zarr.json differs from its entry"),
+    "train-damaged-root-json-unsummed": (TRAIN.replace("--cache {cache}", "--cache {bad_root_json_unsummed}"),
+                                         "zarr.json is not valid JSON"),
     "train-config-key-typo": (TRAIN.replace("{config}", "{typo_config}"),
                               "unknown key 'train.lr_rate' (did you mean 'lr'?)"),
     "train-set-unknown-section": (TRAIN + " --set trian.lr=3", "(did you mean 'train'?)"),

@@ -52,7 +52,8 @@ class CacheReader:
             raise UserError(f"no cache at {self._where}")
         self._store, local = open_store(path, read_only=True)
         self._arrays: dict = {}  # arrays opened by earlier reads (see schema.read_arrays)
-        attrs = schema.node_attributes(self._store, [""])[0]
+        metadata = schema.checked_metadata(self._store, self._where)  # the root's and blocks' zarr.json
+        attrs = schema.node_attributes(self._store, [""], metadata)[0]
         if attrs is None and is_url(path):
             raise UserError(f"no cache at {self._where}")
         if attrs is None or "format_version" not in attrs:
@@ -69,7 +70,7 @@ class CacheReader:
             setattr(self, name, attrs[name])
         self.num_blocks = schema.num_blocks(self.num_events, self.block_size)
         self._manifests = schema.node_attributes(
-            self._store, [schema.block_key(b) for b in range(self.num_blocks)]
+            self._store, [schema.block_key(b) for b in range(self.num_blocks)], metadata
         )
         committed = [bool(m and m.get("committed")) for m in self._manifests]
         if not attrs.get("complete"):
@@ -132,16 +133,23 @@ class CacheReader:
 
     def _check(self, content: bool) -> None:
         """Raise on the first file listed in a manifest that is missing, of the wrong size or
-        (with `content`) of the wrong crc32c."""
+        (with `content`) of the wrong crc32c. Without `content`, the groups' zarr.json (which no
+        read opens) are checked whole all the same."""
         parts = [
             (schema.prefixed(schema.block_key(b), m["files"]), self._events_text(b))
             for b, m in enumerate(self._manifests)
         ]
         if content:  # one block at a time, so memory stays at one block's files
             checks = [(schema.check_files(self._store, files, content=True), what) for files, what in parts]
-        else:  # all sizes in one concurrent sweep
+        else:  # all sizes, then the groups' zarr.json, each in one concurrent sweep
             where = {key: what for files, what in parts for key in files}
             problems = schema.check_files(self._store, {k: v for files, _ in parts for k, v in files.items()})
+            if not problems:
+                groups = {}
+                for b, m in enumerate(self._manifests):
+                    found = schema.group_metadata(m["files"], self.metric_names)
+                    groups.update(schema.prefixed(schema.block_key(b), found))
+                problems = schema.check_files(self._store, groups, content=True)
             checks = [([p], where[p.split(" ", 1)[0]]) for p in problems[:1]]
         for problems, what in checks:
             if problems:

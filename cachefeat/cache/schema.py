@@ -7,6 +7,8 @@ and the tests import it. A cache is a Zarr v3 hierarchy::
                                        raw_fields, particle_fields, dim, embed_dtype, num_events,
                                        block_size, num_blocks, metric_names and `complete`, set True last
     <cache>/.lock                      present while a writer holds the cache
+    <cache>/checksums.json             [size, crc32c] of the zarr.json files no manifest lists (the
+                                       root's, blocks/', each block's), written when the cache completes
     <cache>/blocks/<b:06d>/            one commit block: events [b*block_size, min(E, (b+1)*block_size))
         events/{hit,query,pair}_offsets   int64 [n+1], block-local CSR offsets
         events/event_id                   int64 [n]
@@ -25,7 +27,11 @@ A block is committed when its group's attributes hold the manifest (`block_manif
 manifest lists every file of the block with its size and crc32c, so a missing or truncated
 file is found on open. Every chunk carries its own crc32c (last codec, after compression),
 so a flipped byte fails the read of that chunk; a reader checks each array's zarr.json against
-the manifest's crc32c before it reads the array (`chunkio`).
+the manifest's crc32c before it reads the array (`chunkio`), and the groups' zarr.json on open.
+The zarr.json files that hold the manifests and the root attributes are covered by
+`checksums.json` (`METADATA_SUMS`, compact JSON: any changed byte in it breaks its JSON or changes
+a size, a crc or a name), written once the root says `complete` and checked by every reader on
+open; caches completed before it existed have none and are read without that check.
 
 Format 2 (format 1 sharded every multi-chunk array and Blosc-compressed all of them, and kept a
 root `index/` that duplicated the blocks' `events/*` arrays): float arrays are stored
@@ -85,6 +91,7 @@ CLEVEL = 5
 CHUNK_BYTES = 4 << 20  # target decoded size of one chunk
 
 LOCK_NAME = ".lock"
+METADATA_SUMS = "checksums.json"
 BLOCKS = "blocks"
 # Root attributes that fix the layout: a resumed or second-rank writer must match them.
 LAYOUT_ATTRS = (
@@ -315,13 +322,17 @@ async def _listed_sizes(store, keys: list[str]) -> list[int | None]:
     return [sizes.get(key) for key in keys]
 
 
-def node_attributes(store: Store, keys: list[str]) -> list[dict | None]:
-    """Attributes of the groups at `keys` (read from their zarr.json; None where missing).
+def node_attributes(store: Store, keys: list[str], raws: dict[str, bytes] | None = None) -> list[dict | None]:
+    """Attributes of the groups at `keys` (read from their zarr.json, or taken from `raws`, by
+    zarr.json key, where it has them; None where missing).
 
     A zarr.json that is not a JSON object is a UserError naming it (a damaged cache)."""
     names = [f"{k}/zarr.json" if k else "zarr.json" for k in keys]
+    raws = raws or {}
+    fetched = iter(read_bytes(store, [n for n in names if n not in raws]))
     out = []
-    for name, raw in zip(names, read_bytes(store, names)):
+    for name in names:
+        raw = raws[name] if name in raws else next(fetched)
         try:
             node = None if raw is None else json.loads(raw)
         except ValueError as exc:
@@ -331,6 +342,72 @@ def node_attributes(store: Store, keys: list[str]) -> list[dict | None]:
             raise UserError(f"{describe(store)}: {name} is not a JSON object; the cache is damaged")
         out.append(None if node is None else node.get("attributes", {}))
     return out
+
+
+def metadata_keys(num_blocks: int) -> list[str]:
+    """The zarr.json files no block manifest lists, which `METADATA_SUMS` covers."""
+    return ["zarr.json", f"{BLOCKS}/zarr.json", *(f"{block_key(b)}/zarr.json" for b in range(num_blocks))]
+
+
+def write_metadata_sums(store: Store, num_blocks: int) -> None:
+    """Write `METADATA_SUMS` for the zarr.json files as they are now (the cache is complete), as
+    compact JSON with no whitespace, in one piece (a local file is written aside and renamed)."""
+    keys = metadata_keys(num_blocks)
+    sums = {k: [len(c), crc32c(c)] for k, c in zip(keys, read_bytes(store, keys))}
+    data = json.dumps(sums, separators=(",", ":"), sort_keys=True).encode()
+    if isinstance(store, LocalStore):
+        tmp = Path(store.root) / f"{METADATA_SUMS}.partial"
+        tmp.write_bytes(data)
+        os.replace(tmp, Path(store.root) / METADATA_SUMS)
+        return
+    from zarr.core.buffer.cpu import Buffer
+
+    sync(store.set(METADATA_SUMS, Buffer.from_bytes(data)))
+
+
+def checked_metadata(store: Store, where: str) -> dict[str, bytes]:
+    """The zarr.json files `METADATA_SUMS` covers, by key, after checking each against it: {} for
+    a cache without it (completed before it existed, or not complete). Raises a UserError naming
+    the first file that differs, or when it is not the record of exactly the root, the blocks
+    group and every block."""
+    raw = read_bytes(store, [METADATA_SUMS])[0]
+    if raw is None:
+        return {}
+
+    def damaged(what: str) -> UserError:
+        return UserError(f"cache {where} is damaged: {what}; re-extract it with --overwrite")
+
+    try:
+        sums = json.loads(raw)
+        ok = isinstance(sums, dict) and all(
+            isinstance(v, list) and len(v) == 2 and all(type(x) is int for x in v) for v in sums.values())
+    except ValueError:
+        ok = False
+    if not ok or "zarr.json" not in sums:
+        raise damaged(f"{METADATA_SUMS} is not a record of the cache's metadata")
+
+    def check(keys: list[str]) -> dict[str, bytes]:
+        contents = dict(zip(keys, read_bytes(store, keys)))
+        for key, data in contents.items():
+            if data is None or [len(data), crc32c(data)] != sums[key]:
+                raise damaged(f"{key} differs from its entry in {METADATA_SUMS}")
+        return contents
+
+    contents = check(["zarr.json"])
+    try:
+        attrs = json.loads(contents["zarr.json"])["attributes"]
+        keys = metadata_keys(num_blocks(attrs["num_events"], attrs["block_size"]))
+    except (ValueError, KeyError, TypeError, ZeroDivisionError) as exc:
+        raise damaged(f"zarr.json does not describe a cache ({exc})") from exc
+    if sorted(sums) != sorted(keys):
+        raise damaged(f"{METADATA_SUMS} does not list exactly the root, the blocks group and every block")
+    return {**contents, **check(keys[1:])}
+
+
+def group_metadata(files: dict[str, list], metric_names) -> dict[str, list]:
+    """The entries of a block manifest's `files` that are the zarr.json of a group (not of an array)."""
+    arrays = {spec.key for spec in DATA_ARRAYS} | set(event_arrays(metric_names))
+    return {k: v for k, v in files.items() if k.endswith("zarr.json") and k.rpartition("/")[0] not in arrays}
 
 
 def manifest_files(store: Store, prefix: str) -> dict[str, list]:

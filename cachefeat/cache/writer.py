@@ -258,7 +258,9 @@ class CacheWriter:
                 self._store_input_hash(root=None)
                 self._check_matches(existing, "resume")
                 self._remove_orphans()
-                # incomplete again until `finalize`, which re-checks every block
+                # incomplete again until `finalize`, which re-checks every block and records the
+                # metadata's checksums anew
+                schema.delete_keys(self._store, [schema.METADATA_SUMS])
                 zarr.open_group(self._store, mode="r+", use_consolidated=False).update_attributes(
                     {"complete": False}
                 )
@@ -555,5 +557,8 @@ class CacheWriter:
                 raise UserError(
                     f"cannot finalize {self._where}: {state} (events {start}-{stop - 1}); resume to rewrite"
                 )
-        self._root.update_attributes({"complete": True})  # last: readers accept the cache from here
+        self._root.update_attributes({"complete": True})  # readers accept the cache from here
+        # then the checksums of the metadata as it now is (a run killed in between leaves a complete
+        # cache without them, read as one completed before they existed)
+        schema.write_metadata_sums(self._store, self.num_blocks)
         log.info("cache %s complete: %d events in %d blocks", self._where, self.num_events, self.num_blocks)

@@ -171,6 +171,7 @@ def test_other_format_version_and_foreign_paths_are_refused(tmp_path):
     meta = json.loads((path / "zarr.json").read_text())
     meta["attributes"]["format_version"] = schema.FORMAT_VERSION - 1  # a cache of the previous layout
     (path / "zarr.json").write_text(json.dumps(meta))
+    (path / schema.METADATA_SUMS).unlink()  # format 1 had none
     with pytest.raises(
         UserError,
         match=rf"has format version {schema.FORMAT_VERSION - 1}, this cachefeat reads version "

@@ -13,6 +13,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from cachefeat.cache import CacheReader, schema
 from cachefeat.errors import UserError
@@ -48,14 +49,14 @@ def test_schema_lists_every_stored_array(cache):
     assert stored_arrays(cache) == set(schema_arrays())
 
 
-def _flipped(path, key: str, at: int | None = None):
-    """A context that flips one byte of file `key` (the middle one by default) and restores it."""
+def _flipped(path, key: str, at: int | None = None, mask: int = 0x5A):
+    """A context that flips one byte of file `key` (the middle one by default; XOR `mask`) and restores it."""
 
     class Flip:
         def __enter__(self):
             self.data = (path / key).read_bytes()
             damaged = bytearray(self.data)
-            damaged[len(damaged) // 2 if at is None else at] ^= 0x5A
+            damaged[len(damaged) // 2 if at is None else at] ^= mask
             (path / key).write_bytes(bytes(damaged))
 
         def __exit__(self, *exc):
@@ -85,3 +86,54 @@ def test_a_flipped_byte_in_any_array_fails_training_reads(cache, array):
                 read()
     for read in _training_reads(cache):  # undamaged again
         read()
+
+
+def metadata_files(path) -> list[str]:
+    """Every file of a cache that is not a chunk: the zarr.json of the root, the groups and the
+    arrays, and checksums.json."""
+    return sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file() and "/c/" not in p.as_posix())
+
+
+def test_a_flipped_byte_in_any_metadata_file_fails_training_reads(cache):
+    """Issue 15's target: every single-byte corruption of a finished cache is caught by training.
+    Array chunks and array zarr.json are covered above; here the files that hold the root
+    attributes, the manifests and the groups, and checksums.json itself, all checked when a
+    training run opens the cache: for each file, byte positions spread over it (every byte of the
+    small ones), each flipped with a pseudo-random mask, and at whitespace bytes also the masks that
+    turn it into other whitespace (the parsed JSON is then unchanged; only a check of the bytes
+    catches it)."""
+    import random
+
+    rng = random.Random(15)
+    files = [f for f in metadata_files(cache) if f == schema.METADATA_SUMS or json.loads(
+        (cache / f).read_bytes()).get("node_type") == "group"]
+    assert {"zarr.json", schema.METADATA_SUMS, "blocks/zarr.json", "blocks/000000/zarr.json",
+            "blocks/000000/hits/zarr.json", "blocks/000000/events/metrics/zarr.json"} <= set(files)
+    flips = 0
+    for key in files:
+        data = (cache / key).read_bytes()
+        step = 1 if key in (schema.METADATA_SUMS, "blocks/000001/hits/zarr.json") else 41
+        for at in range(rng.randrange(step), len(data), step):
+            masks = [rng.randrange(1, 256)]
+            if data[at] in b" \n\t\r":
+                masks += [data[at] ^ w for w in b" \n\t\r" if w != data[at]]
+            for mask in masks:
+                with _flipped(cache, key, at, mask), pytest.raises(UserError, match="the cache is|is damaged"):
+                    CacheReader(cache)
+                flips += 1
+    assert flips > 500
+    CacheReader(cache).load()  # undamaged again
+
+
+def test_a_cache_completed_before_checksums_json_is_still_read(cache, tmp_path):
+    """A cache completed before checksums.json existed (or by a run killed between marking it
+    complete and writing it) is read as before, without the metadata check."""
+    import shutil
+
+    copy = tmp_path / "old.zarr"
+    shutil.copytree(cache, copy)
+    (copy / schema.METADATA_SUMS).unlink()
+    old, new = CacheReader(copy), CacheReader(cache)
+    got, want = old.read_events(0, old.num_events), new.read_events(0, new.num_events)
+    for name, value in vars(want).items():
+        assert torch.equal(getattr(got, name), value), name
