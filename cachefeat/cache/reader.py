@@ -42,6 +42,7 @@ class CacheReader:
     Attributes:
         path, fingerprint, settings, raw_fields, particle_fields, dim, embed_dtype,
         num_events (E), num_blocks, block_size, metric_names: from the root attributes.
+        metadata_checksummed: whether checksums.json covered the root and manifests (it was checked).
         hit_counts, query_counts, pair_counts, event_id: int64 [E].
     """
 
@@ -53,6 +54,7 @@ class CacheReader:
         self._store, local = open_store(path, read_only=True)
         self._arrays: dict = {}  # arrays opened by earlier reads (see schema.read_arrays)
         metadata = schema.checked_metadata(self._store, self._where)  # the root's and blocks' zarr.json
+        self.metadata_checksummed = bool(metadata)  # False: completed before checksums.json existed
         attrs = schema.node_attributes(self._store, [""], metadata)[0]
         if attrs is None and is_url(path):
             raise UserError(f"no cache at {self._where}")

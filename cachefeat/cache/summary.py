@@ -56,6 +56,7 @@ def cache_summary(reader: CacheReader) -> dict:
         "path": schema.describe(reader.path),
         "complete": True,
         "format_version": reader.attrs["format_version"],
+        "metadata_checksummed": reader.metadata_checksummed,
         "num_events": E,
         "num_blocks": reader.num_blocks,
         "block_size": reader.block_size,

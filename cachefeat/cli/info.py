@@ -40,7 +40,9 @@ def format_summary(s: dict) -> str:
     """The human-readable table of a `cache_summary`."""
     E = s["num_events"]
     lines = [
-        f"cache        {s['path']}  (complete, format {s['format_version']})",
+        f"cache        {s['path']}  (complete, format {s['format_version']}, "
+        + ("metadata checksummed)" if s["metadata_checksummed"]
+           else "no checksums.json: completed before metadata checksums, its zarr.json files are unchecked)"),
         f"events       {E} in {s['num_blocks']} blocks of {s['block_size']}",
     ]
     for name in ("hits", "queries", "pairs"):

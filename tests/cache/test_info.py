@@ -110,6 +110,7 @@ def test_table(cache, capsys):
     assert main(["info", str(cache), "--verify"]) == 0
     out = capsys.readouterr().out
     assert f"events       {E} in 2 blocks of {BLOCK}" in out
+    assert "(complete, format 2, metadata checksummed)" in out
     assert f"hits         {sum(HITS)} total, {sum(HITS) / E:.2f} per event (max 3)" in out
     assert "hits/embed" in out and "float16" in out and "dense f32" in out
     assert "checkpoint_sha256" in out and "floor=0.05" in out

@@ -134,6 +134,7 @@ def test_a_cache_completed_before_checksums_json_is_still_read(cache, tmp_path):
     shutil.copytree(cache, copy)
     (copy / schema.METADATA_SUMS).unlink()
     old, new = CacheReader(copy), CacheReader(cache)
+    assert not old.metadata_checksummed and new.metadata_checksummed
     got, want = old.read_events(0, old.num_events), new.read_events(0, new.num_events)
     for name, value in vars(want).items():
         assert torch.equal(getattr(got, name), value), name
