@@ -22,8 +22,10 @@ import collections
 import json
 import math
 import os
+import queue
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -272,30 +274,8 @@ def _run(calls: list[tuple], done: Callable[[int, BaseException | None], None]) 
     try:
         work(shares[0])
     finally:
-        for task in handed:
-            task.wait()
-
-
-class _Task:
-    """One share handed to a helper thread: `wait()` returns once it ran, re-raising its error."""
-
-    def __init__(self, fn, arg):
-        self.fn, self.arg = fn, arg
-        self.error: BaseException | None = None
-        self.finished = threading.Event()
-
-    def run(self) -> None:
-        try:
-            self.fn(self.arg)
-        except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
-            self.error = exc
-        finally:
-            self.finished.set()
-
-    def wait(self) -> None:
-        self.finished.wait()
-        if self.error is not None:
-            raise self.error
+        for future in handed:
+            future.result()
 
 
 HELPER_NAME = "cachefeat-chunk-reader"  # the helper threads' names: HELPER_NAME-0, HELPER_NAME-1, ...
@@ -318,10 +298,8 @@ class _Helpers:
         self._lock = threading.Lock()
         self._queues = []
 
-    def submit(self, k: int, fn, arg) -> _Task:
-        """Run fn(arg) on helper k (started if needed); returns its `_Task`."""
-        import queue
-
+    def submit(self, k: int, fn, arg) -> Future:
+        """Run fn(arg) on helper k (started if needed); its Future holds the result or the error."""
         with self._lock:
             while len(self._queues) <= k:
                 tasks: queue.SimpleQueue = queue.SimpleQueue()
@@ -329,14 +307,18 @@ class _Helpers:
                                  daemon=True).start()
                 self._queues.append(tasks)
             tasks = self._queues[k]
-        task = _Task(fn, arg)
-        tasks.put(task)
-        return task
+        future: Future = Future()
+        tasks.put((fn, arg, future))
+        return future
 
     @staticmethod
     def _serve(tasks) -> None:
         while True:
-            tasks.get().run()
+            fn, arg, future = tasks.get()
+            try:
+                future.set_result(fn(arg))
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
+                future.set_exception(exc)
 
 
 _HELPERS = _Helpers()

@@ -360,9 +360,7 @@ def write_metadata_sums(store: Store, num_blocks: int) -> None:
         tmp.write_bytes(data)
         os.replace(tmp, Path(store.root) / METADATA_SUMS)
         return
-    from zarr.core.buffer.cpu import Buffer
-
-    sync(store.set(METADATA_SUMS, Buffer.from_bytes(data)))
+    sync(store.set(METADATA_SUMS, default_buffer_prototype().buffer.from_bytes(data)))
 
 
 def checked_metadata(store: Store, where: str) -> dict[str, bytes]:

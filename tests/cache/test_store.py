@@ -317,7 +317,7 @@ def test_a_helper_threads_error_reaches_the_caller():
         raise RuntimeError(f"share {arg} failed")
 
     with pytest.raises(RuntimeError, match="share 7 failed"):
-        chunkio._HELPERS.submit(0, boom, 7).wait()
+        chunkio._HELPERS.submit(0, boom, 7).result()
 
 
 def test_checksums_are_zarrs_crc32c(caches):
