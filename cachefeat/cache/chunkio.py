@@ -86,9 +86,11 @@ def chunk_key(index: int, ndim: int) -> str:
     return "c/" + "/".join([str(index)] + ["0"] * (ndim - 1))
 
 
-def check_crc(body: np.ndarray, stored: np.ndarray, what: str) -> int:
-    """Raise ValueError (zarr's message) unless crc32c(body) equals the little-endian `stored`."""
-    crc = crc32c(body)
+def check_crc(body: np.ndarray, stored: np.ndarray, what: str, crc: int | None = None) -> int:
+    """Raise ValueError (zarr's message) unless crc32c(body) (or `crc`, computed already) equals the
+    little-endian `stored`."""
+    if crc is None:
+        crc = crc32c(body)
     if crc != int.from_bytes(stored.tobytes(), "little"):
         raise ValueError(f"Stored and computed checksum do not match in {what}")
     return crc
@@ -97,13 +99,21 @@ def check_crc(body: np.ndarray, stored: np.ndarray, what: str) -> int:
 def decode_chunk(buf: np.ndarray, layout: Layout, lo: int, hi: int, dest: np.ndarray, what: str) -> None:
     """Rows [lo, hi) of a chunk whose stored bytes are `buf` (uint8) into `dest`, a contiguous
     uint8 array of (hi - lo) * row_bytes bytes, after checking the chunk's size and crc32c."""
+    if len(buf) < CRC_BYTES:
+        expected = layout.chunk_rows * layout.row_bytes + CRC_BYTES
+        raise ValueError(f"chunk {what} has {len(buf)} bytes, expected {expected}")
+    _decode_body(buf[:-CRC_BYTES], buf[-CRC_BYTES:], None, layout, lo, hi, dest, what)
+
+
+def _decode_body(body: np.ndarray, tail: np.ndarray, crc: int | None, layout: Layout, lo: int, hi: int,
+                 dest: np.ndarray, what: str) -> None:
+    """`decode_chunk` of a chunk split into its `body` and its stored crc32c `tail`; `crc` is
+    crc32c(body) when the caller computed it while reading."""
     rb = layout.row_bytes
     decoded = layout.chunk_rows * rb
-    size = len(buf)
-    if size < CRC_BYTES or (not layout.blosc and size != decoded + CRC_BYTES):
-        raise ValueError(f"chunk {what} has {size} bytes, expected {decoded + CRC_BYTES}")
-    body, tail = buf[:-CRC_BYTES], buf[-CRC_BYTES:]
-    check_crc(body, tail, what)
+    if not layout.blosc and len(body) != decoded:
+        raise ValueError(f"chunk {what} has {len(body) + CRC_BYTES} bytes, expected {decoded + CRC_BYTES}")
+    check_crc(body, tail, what, crc)
     if not layout.blosc:
         dest[:] = body[lo * rb : hi * rb]
         return
@@ -116,24 +126,44 @@ def decode_chunk(buf: np.ndarray, layout: Layout, lo: int, hi: int, dest: np.nda
         dest[:] = np.frombuffer(blosc.decompress(body), np.uint8)[lo * rb : hi * rb]
 
 
+# A chunk file is read in pieces of this size, each piece's crc32c taken while the piece is still
+# in the core's cache: whole reads followed by one crc32c pass took 3.25-3.59 ms for the four big
+# chunks of a muon block (15.5 MB) against 2.80-3.22 ms in 256 kB pieces (128 kB: 3.23-3.27,
+# 1 MB: 3.31-3.43), one thread, the 2-core AMD EPYC VM.
+PIECE_BYTES = 256 << 10
+
+
+def _read_crc(fd: int, body: np.ndarray, what: str) -> int:
+    """Fill `body` (uint8) from the file position of `fd` in `PIECE_BYTES` pieces; its crc32c.
+    ValueError when the file ends first."""
+    crc, n = 0, len(body)
+    for start in range(0, n, PIECE_BYTES):
+        piece = body[start : start + PIECE_BYTES]
+        got = os.readv(fd, [piece])
+        if got != len(piece):
+            raise ValueError(f"chunk {what}: read {start + got} of {n} bytes")
+        crc = crc32c(piece, crc)
+    return crc
+
+
 def read_chunk(path: str, layout: Layout, index: int, lo: int, hi: int, dest: np.ndarray) -> None:
     """Rows [lo, hi) of the local chunk file `path` (chunk `index`) into `dest` (see `decode_chunk`);
     a whole uncompressed chunk is read in place."""
     decoded = layout.chunk_rows * layout.row_bytes
     with open(path, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
-        if not (lo == 0 and hi == layout.chunk_rows and not layout.blosc and size == decoded + CRC_BYTES):
-            buf = np.empty(size, np.uint8)
-            got = f.readinto(buf)
-            if got != size:
-                raise ValueError(f"chunk {path}: read {got} of {size} bytes")
-            decode_chunk(buf, layout, lo, hi, dest, str(path))
-            return
-        tail = np.empty(CRC_BYTES, np.uint8)  # the stored bytes are the rows: read them in place
-        got = os.readv(f.fileno(), [dest, tail])
-    if got != size:
-        raise ValueError(f"chunk {path}: read {got} of {size} bytes")
-    check_crc(dest, tail, str(path))
+        if size < CRC_BYTES:
+            raise ValueError(f"chunk {path} has {size} bytes, expected {decoded + CRC_BYTES}")
+        in_place = lo == 0 and hi == layout.chunk_rows and not layout.blosc and size == decoded + CRC_BYTES
+        body = dest if in_place else np.empty(size - CRC_BYTES, np.uint8)
+        crc = _read_crc(f.fileno(), body, path)
+        tail = np.empty(CRC_BYTES, np.uint8)
+        if os.readv(f.fileno(), [tail]) != CRC_BYTES:
+            raise ValueError(f"chunk {path}: read {size - CRC_BYTES} of {size} bytes")
+    if in_place:
+        check_crc(body, tail, path, crc)
+    else:
+        _decode_body(body, tail, crc, layout, lo, hi, dest, path)
 
 
 def checked_layout(raw: bytes | None, key: str, files: dict[str, list]) -> Layout | None:

@@ -320,6 +320,39 @@ def test_a_helper_threads_error_reaches_the_caller():
         chunkio._HELPERS.submit(0, boom, 7).result()
 
 
+def test_chunks_read_in_pieces_equal_brute_force_and_a_flip_in_any_piece_is_caught(tmp_path, caches, events,
+                                                                                   monkeypatch):
+    """Chunk files read in pieces with a running crc32c (here 16-byte pieces, so the test cache's
+    chunks span many) give the brute-force batch; one byte changed in the last piece of a chunk
+    read in place, or of a Blosc chunk, is refused with the checksum message; a file that ends before
+    its body does is refused."""
+    import shutil
+
+    from crc32c import crc32c
+
+    monkeypatch.setattr(chunkio, "PIECE_BYTES", 16)
+    root = caches("local")
+    for start, stop in [(0, E), (3, 17), (9, 10)]:
+        assert_batches_equal(CacheReader(root).read_events(start, stop), reference_batch(events[start:stop]))
+    block = schema.block_key(0)
+    for key in (f"{block}/hits/embed/c/0/0", f"{block}/pairs/hit/c/0"):  # raw, read in place / Blosc
+        copy = tmp_path / key.replace("/", "_")
+        shutil.copytree(root, copy)
+        chunk = copy / key
+        data = bytearray(chunk.read_bytes())
+        assert len(data) > 2 * 16 + 4
+        data[-6] ^= 0x10  # in the body's last piece: only the running crc32c sees it
+        chunk.write_bytes(bytes(data))
+        with pytest.raises(UserError, match="checksum mismatch"):
+            CacheReader(copy, check_files=False).read_events(0, BLOCK)
+    short = tmp_path / "short"
+    short.write_bytes(b"x" * 100)
+    with open(short, "rb", buffering=0) as f, pytest.raises(ValueError, match="read 100 of 150 bytes"):
+        chunkio._read_crc(f.fileno(), np.empty(150, np.uint8), "short")
+    with open(short, "rb", buffering=0) as f:
+        assert chunkio._read_crc(f.fileno(), np.empty(100, np.uint8), "short") == crc32c(b"x" * 100)
+
+
 def test_checksums_are_zarrs_crc32c(caches):
     """The crc32c cachefeat computes (the `crc32c` package: manifests, chunk checks) is the one zarr's
     codec writes (google-crc32c): every manifest entry equals google-crc32c over the file, and every
