@@ -13,7 +13,9 @@ record `pairs_per_event`), a trained tracker about the hits on its tracks.
   forward (the MaskFormer under inference_mode) over the same events in the same batches, each
   reading its batches from the data module; rounds alternate. Extraction includes building the
   model from its config tree (a fixed cost per command, `hepattn.model_build_s`; the ratio
-  without it is `hepattn.extract_vs_forward_without_model_build`).
+  without it is `hepattn.extract_vs_forward_without_model_build`). Its events are read in the
+  default worker process (`extract.read_workers: 1`); each round also times the extraction with
+  them read on a thread (`read_workers: 0`, `hepattn.extract_events_per_s_read_on_thread`).
 - `hepattn_speedup_cached_memory_vs_live`: `cachefeat train` over the cache in memory vs the live
   hepattn stage 2 (`--source live`, the frozen forward on every batch): same head, same batches,
   same steps; the last of 2 epochs of each (no validation), rounds alternate, medians.
@@ -111,10 +113,20 @@ def test_hepattn_extract_vs_forward(benchmark, hep, bench_settings, results):
                     net(frozen.model.hepattn_inputs(batch))
         forward_s.append(time.perf_counter() - start)
 
+    thread_s = []
+    on_thread = {**config, "extract": {**config.get("extract", {}), "read_workers": 0}}
+
+    def forward_and_thread():  # the baseline, then extraction with its events read on a thread
+        forward()
+        start = time.perf_counter()
+        extract(on_thread, ckpt, DataSplit("train"), output, mode="overwrite", device=device, progress=False)
+        thread_s.append(time.perf_counter() - start)
+        shutil.rmtree(output)
+
     def run():
         return extract(config, ckpt, DataSplit("train"), output, device=device, progress=False)
 
-    summary = benchmark.pedantic(run, setup=forward, rounds=ROUNDS, warmup_rounds=1)
+    summary = benchmark.pedantic(run, setup=forward_and_thread, rounds=ROUNDS, warmup_rounds=1)
     assert summary["events"] == hep["n_train"]
     build_s = []  # building the model from its config tree (jsonargparse), once per extraction
     for _ in range(ROUNDS):
@@ -128,6 +140,7 @@ def test_hepattn_extract_vs_forward(benchmark, hep, bench_settings, results):
         results.setdefault(hep["key"], {}).update(
             extract_events_per_s=n / extract_s, forward_events_per_s=forward_rate, n_events=n, model_build_s=build,
             extract_vs_forward_without_model_build=n / (extract_s - build) / forward_rate,
+            extract_events_per_s_read_on_thread=n / statistics.median(thread_s[1:]),
             pairs_per_event=summary["pairs"] / n, hits_per_event=summary["valid_hits"] / n)
         results[f"{hep['key']}_extract_vs_forward"] = n / extract_s / forward_rate
 

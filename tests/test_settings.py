@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 import cachefeat
-from cachefeat.cli import check_config, library_of
+from cachefeat.cli import check_config
 from cachefeat.config import (
     DROPOUT,
     PROBABILITY,
@@ -23,7 +23,7 @@ from cachefeat.config import (
     one_of,
     section,
 )
-from cachefeat.errors import UserError
+from cachefeat.errors import UserError, library_of
 
 ROOT = Path(__file__).resolve().parents[1]
 

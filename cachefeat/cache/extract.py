@@ -24,7 +24,7 @@ import torch
 from cachefeat.cache import schema
 from cachefeat.cache.store import is_url
 from cachefeat.cache.writer import MODES
-from cachefeat.config import POSITIVE_INT, check_allowed, one_of, section
+from cachefeat.config import POSITIVE_INT, at_least, check_allowed, one_of, section
 from cachefeat.errors import UserError
 from cachefeat.head.inputs import HeadBatch, concat
 
@@ -37,6 +37,7 @@ EXTRACT_DEFAULTS = {
     "keep_hits": "assigned",
     "keep_queries": "all",
     "precision": "fp32",
+    "read_workers": 1,
 }
 CHOICES = {
     "dtype": schema.EMBED_DTYPES,
@@ -44,7 +45,7 @@ CHOICES = {
     "keep_queries": schema.KEEP_QUERIES,
     "precision": schema.PRECISIONS,
 }
-EXTRACT_ALLOWED = {"batch_size": POSITIVE_INT, "block_size": POSITIVE_INT,
+EXTRACT_ALLOWED = {"batch_size": POSITIVE_INT, "block_size": POSITIVE_INT, "read_workers": at_least(0, integer=True),
                    **{key: one_of(*allowed) for key, allowed in CHOICES.items()}}
 
 
@@ -141,27 +142,20 @@ PIPELINE_DEPTH = 2  # batches read ahead, and batches whose forward is done but 
 def extract_blocks(backbone, events, blocks, block_range, opts: dict, on_block, depth: int = PIPELINE_DEPTH) -> None:
     """Extract each of `blocks` in order and call `on_block(block, HeadBatch on the CPU, counts)`.
 
-    Three stages run overlapped: a thread reads and pads the next batches (`block_batches`; during
-    extraction it is the only user of torch's global RNG, which a data module's events may draw
-    from), this thread runs the frozen forward, and a second thread matches and sparsifies each
-    batch (`FrozenBackbone.sparsify`), assembles each block (`assemble_block`) and calls
-    `on_block` there; its single worker keeps the matcher's calls and the blocks in order. At most
-    `depth` batches wait between two stages, so memory stays bounded. The results are those of
-    running the stages one after another: the same operations on the same tensors, in order.
-    An error in any stage is raised here.
+    Three stages run overlapped: the next batches are read and padded ahead
+    (`prefetch.block_batches_ahead`: on a thread, or a data module's in `opts["read_workers"]`
+    worker processes; on the thread it is the only user of torch's global RNG during extraction,
+    which a data module's events may draw from), this thread runs the frozen forward, and a second
+    thread matches and sparsifies each batch (`FrozenBackbone.sparsify`), assembles each block
+    (`assemble_block`) and calls `on_block` there; its single worker keeps the matcher's calls and
+    the blocks in order. At most `depth` batches wait between two stages (a worker process hands
+    over whole blocks), so memory stays bounded. The results are those of running the stages one
+    after another: the same operations on the same tensors, in order. An error in any stage is
+    raised here.
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    def batches():  # (block, local indices, padded batch, whether it is the block's last batch)
-        held = None
-        for block in blocks:
-            start, stop = block_range(block)
-            for local, batch in events.block_batches(start, stop, opts["batch_size"]):
-                if held is not None:
-                    yield *held, held[0] != block
-                held = (block, local, batch)
-        if held is not None:
-            yield *held, True
+    from cachefeat.data.prefetch import block_batches_ahead
 
     parts: list = []
 
@@ -176,7 +170,8 @@ def extract_blocks(backbone, events, blocks, block_range, opts: dict, on_block, 
     pending: list = []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cachefeat-sparsify") as post:
         try:
-            for block, local, batch, last in read_ahead(batches(), depth):
+            for block, local, batch, last in block_batches_ahead(events, blocks, block_range, opts["batch_size"],
+                                                                 depth, opts["read_workers"]):
                 batch = backbone.to_device(batch)
                 pending.append(post.submit(sparsify, block, local, batch, backbone.forward(batch), last))
                 while len(pending) > depth or (pending and pending[0].done()):
@@ -186,52 +181,6 @@ def extract_blocks(backbone, events, blocks, block_range, opts: dict, on_block, 
         finally:
             for future in pending:
                 future.cancel()
-
-
-def read_ahead(iterable, depth: int):
-    """Iterate `iterable` in a background thread, at most `depth` items ahead of the consumer.
-
-    An exception in the thread is raised here, at the item where it happened; closing the
-    generator early stops the thread.
-    """
-    import queue
-    import threading
-
-    items: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    end = object()
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                items.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def run():
-        try:
-            for item in iterable:
-                if not put((item, None)):
-                    return
-            put((end, None))
-        except BaseException as exc:  # handed to the consumer
-            put((end, exc))
-
-    thread = threading.Thread(target=run, name="cachefeat-read-ahead", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, error = items.get()
-            if error is not None:
-                raise error
-            if item is end:
-                return
-            yield item
-    finally:
-        stop.set()
-        thread.join()
 
 
 def _disk_full(exc: BaseException) -> bool:
@@ -263,6 +212,7 @@ def extract(
     keep_hits: str | None = None,
     keep_queries: str | None = None,
     precision: str | None = None,
+    read_workers: int | None = None,
     device: str | None = None,
     progress: bool = True,
 ) -> dict:
@@ -270,7 +220,8 @@ def extract(
 
     Options left as None come from the config's `extract` section (floor: the head's
     assignment_threshold). `mode`: "create", "resume" (skip committed blocks; the
-    fingerprint must match) or "overwrite". `device`: default cuda if available, else cpu;
+    fingerprint must match) or "overwrite". `read_workers`: processes that read a data module's
+    events (`data.prefetch`; 0: a thread), no effect on the cache. `device`: default cuda if available, else cpu;
     under a multi-process launch each rank uses its own device.
 
     Returns a summary (all ranks together): events, blocks written/skipped, stored hits,
@@ -297,6 +248,7 @@ def extract(
         keep_hits=keep_hits,
         keep_queries=keep_queries,
         precision=precision,
+        read_workers=read_workers,
     )
     state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
     distributed = state.num_processes > 1

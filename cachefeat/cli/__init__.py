@@ -33,7 +33,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from cachefeat.errors import UserError
+from cachefeat.errors import UserError, library_of
 
 COMMANDS = ["simulate", "pretrain", "extract", "info", "train", "sweep", "evaluate", "verify", "demo"]
 
@@ -216,25 +216,3 @@ def remove_path(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     elif os.path.lexists(path):
         path.unlink(missing_ok=True)
-
-
-PROGRAMMING_ERRORS = (AssertionError, TypeError, NameError, AttributeError, KeyError, IndexError, ZeroDivisionError)
-_PACKAGE_DIR = str(Path(__file__).resolve().parents[1]) + os.sep
-
-
-def library_of(exc: BaseException) -> str | None:
-    """The library an exception comes from ("the system" for OSError/MemoryError), or None for a
-    cachefeat bug (see the module docstring for the rule)."""
-    if isinstance(exc, PROGRAMMING_ERRORS):
-        return None
-    module = type(exc).__module__.split(".")[0]
-    if module not in ("builtins", "cachefeat"):
-        return module
-    if isinstance(exc, (OSError, MemoryError)):
-        return "the system"
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    if tb is None or tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
-        return None
-    return str(tb.tb_frame.f_globals.get("__name__", "a library")).split(".")[0]

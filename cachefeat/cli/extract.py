@@ -51,6 +51,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--keep-queries", choices=["all", "matched"], help="store every query, or matched ones only")
     p.add_argument("--precision", choices=["fp32", "bf16"], help="forward precision (default fp32)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--read-workers", type=int, metavar="N",
+                   help="processes that read a data module's events (--split) beside the forward; 0 reads them "
+                   "on a thread (default: extract.read_workers, 1)")
     add_set_option(p, "extract.batch_size=16")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run, outputs=("output",), url_outputs=("output",))
@@ -77,6 +80,7 @@ def run(args) -> int:
         keep_hits=args.keep_hits,
         keep_queries=args.keep_queries,
         precision=args.precision,
+        read_workers=args.read_workers,
         device=args.device,
         progress=not args.no_progress,
     )

@@ -79,7 +79,12 @@ class DataModuleEvents:
     Attributes:
         event_id: int64 [E], the dataset index of each event.
         path: a name for messages ("<DataModule class> split 'train'").
+
+    Extraction may read its blocks in forked worker processes (`worker_processes`,
+    `data.prefetch`): the events are built in Python, which would hold the GIL beside the forward.
     """
+
+    worker_processes = True
 
     def __init__(self, block: dict, split: str, hit_fields: list[str], particle_fields: list[str],
                  max_hits: int | None = None, seed: int = 0, particle_sources: dict[str, str] | None = None):

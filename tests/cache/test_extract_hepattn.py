@@ -1,6 +1,8 @@
 """Extraction of a hepattn data-module split is crash safe and parallel like an HDF5 one: SIGKILL
 mid-run then `--resume` gives the same arrays and bytes as an uninterrupted run, and a 2-process
-launch equals 1 process. The validation split (48 events) in blocks of 16."""
+launch equals 1 process. Its events are read in a worker process by default (`extract.read_workers`):
+the same cache as reading them on a thread, or in two workers. The validation split (48 events) in
+blocks of 16."""
 
 from __future__ import annotations
 
@@ -25,6 +27,15 @@ def uninterrupted(hepattn_config_path, hepattn_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("hepattn_extract") / "val.zarr"
     assert main(["extract", *_args(hepattn_config_path, hepattn_checkpoint, out)]) == 0
     return out
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_events_read_on_a_thread_or_in_two_workers_give_the_same_cache(ref, uninterrupted, hepattn_config_path,
+                                                                     hepattn_checkpoint, tmp_path, workers):
+    out = tmp_path / "read.zarr"
+    args = [*_args(hepattn_config_path, hepattn_checkpoint, out), "--set", f"extract.read_workers={workers}"]
+    assert main(["extract", *args]) == 0
+    ref.assert_same_cache(uninterrupted, out)
 
 
 @pytest.mark.slow

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from cachefeat.cache.chunkio import HELPER_NAME
-from cachefeat.cache.extract import assemble_block, extract_blocks, read_ahead, resolve_options
+from cachefeat.cache.extract import assemble_block, extract_blocks, resolve_options
 from cachefeat.cache.frozen import FrozenBackbone
 from cachefeat.cache.schema import block_range, num_blocks
 from cachefeat.data.events import EventFile
+from cachefeat.data.prefetch import read_ahead
 from cachefeat.errors import UserError
 
 
