@@ -654,11 +654,18 @@ def extraction_vs_forward(benchmark, settings: BenchSettings, data: BenchData, o
 
 def read_vs_memcpy(cache: Path, rounds: int = 21) -> dict:
     """A whole read of `cache` (`CacheReader.read_events`, every event) against `np.copyto` of as many
-    bytes into a preallocated buffer, in alternating rounds after one warm-up each: medians in GB/s."""
+    bytes into a preallocated buffer and against a raw read of its chunk files, in alternating rounds
+    after one warm-up each: medians in GB/s.
+
+    The raw read (`raw_file_read`) is the floor under any reader of these files: `os.readv` of every
+    chunk file into preallocated buffers, on as many threads as the reader uses, no checksum and no
+    decoding; `raw_read_gbps` counts file bytes. `cache_read_vs_raw_read` is raw time / read time
+    (1.0: the checked, decoded read costs what reading the files alone costs)."""
     from dataclasses import fields
 
     import numpy as np
 
+    from cachefeat.cache.chunkio import READ_THREADS
     from cachefeat.cache.reader import CacheReader
 
     reader = CacheReader(cache)
@@ -667,16 +674,57 @@ def read_vs_memcpy(cache: Path, rounds: int = 21) -> dict:
     src = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
     dst = np.empty_like(src)
     np.copyto(dst, src)
-    read_s, copy_s = [], []
+    raw_read, file_bytes = raw_file_read(cache, READ_THREADS)
+    raw_read()
+    read_s, copy_s, raw_s = [], [], []
     for _ in range(rounds):
-        start = time.perf_counter()
-        reader.read_events(0, reader.num_events)
-        read_s.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        np.copyto(dst, src)
-        copy_s.append(time.perf_counter() - start)
+        for fn, times in ((lambda: reader.read_events(0, reader.num_events), read_s),
+                          (lambda: np.copyto(dst, src), copy_s), (raw_read, raw_s)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
     return {"bytes": nbytes, "rounds": rounds, "cache_read_gbps": nbytes / statistics.median(read_s) / 1e9,
-            "memcpy_gbps": nbytes / statistics.median(copy_s) / 1e9}
+            "memcpy_gbps": nbytes / statistics.median(copy_s) / 1e9, "file_bytes": file_bytes,
+            "raw_read_threads": READ_THREADS, "raw_read_gbps": file_bytes / statistics.median(raw_s) / 1e9,
+            "cache_read_vs_raw_read": statistics.median(raw_s) / statistics.median(read_s)}
+
+
+def raw_file_read(cache: Path, threads: int):
+    """(read, file bytes): read() reads every chunk file of `cache` (`blocks/**/c/**`) with `os.readv`
+    into preallocated buffers in 256 kB pieces, on `threads` threads (files balanced by size, largest
+    first; the pool is started once)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    files = sorted((p for p in Path(cache, "blocks").glob("*/**/c/**/*") if p.is_file()),
+                   key=lambda p: -p.stat().st_size)
+    shares: list[list] = [[] for _ in range(max(1, min(threads, len(files))))]
+    loads = [0] * len(shares)
+    for path in files:
+        k = loads.index(min(loads))
+        size = path.stat().st_size
+        shares[k].append((str(path), np.empty(size, np.uint8)))
+        loads[k] += size
+    pool = ThreadPoolExecutor(len(shares) - 1) if len(shares) > 1 else None
+    piece = 256 << 10
+
+    def read_share(share) -> None:
+        for path, buf in share:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                for start in range(0, len(buf), piece):
+                    os.readv(fd, [buf[start : start + piece]])
+            finally:
+                os.close(fd)
+
+    def read() -> None:
+        handed = [pool.submit(read_share, share) for share in shares[1:]] if pool else []
+        read_share(shares[0])
+        for future in handed:
+            future.result()
+
+    return read, sum(loads)
 
 
 def time_to_target(settings: BenchSettings, data: BenchData, run_dir: Path) -> dict:
@@ -797,6 +845,7 @@ def finalize(results: dict) -> dict:
     s["cache_read_vs_memcpy"] = _ratio(s.get("cache_read_gbps"), s.get("memcpy_gbps"))
     alternating = s.get("read_vs_memcpy_alternating") or {}
     s["cache_read_vs_memcpy_alternating"] = _ratio(alternating.get("cache_read_gbps"), alternating.get("memcpy_gbps"))
+    s["cache_read_vs_raw_read"] = alternating.get("cache_read_vs_raw_read")
     # per-round ratios of the alternating rounds (`paired_training`), their median
     rounds = (s.get("stream_vs_memory") or {}).get("rounds_s") or {}
     s["cached_stream_vs_memory"] = (paired_ratio(rounds["cached_memory"], rounds["cached_stream"])
@@ -951,6 +1000,10 @@ def markdown_trackml(t: dict, top: bool) -> list[str]:
         *(f"| cache / dense ({d}) | {_fmt(v)} |" for d, v in (t.get("cache_over_dense") or {}).items()),
         *(f"| compression ratio ({d}) | {_fmt(v)} |" for d, v in (t.get("compression_ratio") or {}).items()),
         *(f"| {k} per event (kept) | {_fmt(v)} |" for k, v in (t.get("counts_per_event") or {}).items()),
+        f"| cache read, decoded (GB/s, float32, alternating with the copy) | {_fmt(t.get('cache_read_gbps'))} |",
+        f"| memcpy, same bytes (GB/s) | {_fmt(t.get('memcpy_gbps'))} |",
+        f"| raw read of the chunk files, no checks (file GB/s) | {_fmt(t.get('raw_read_gbps'))} |",
+        f"| cache read / raw read of its files (time ratio) | {_fmt(t.get('cache_read_vs_raw_read'))} |",
     ]
     by_array = t.get("stored_bytes_per_event_by_array") or {}
     if by_array:
@@ -1016,6 +1069,9 @@ def _markdown_muon(s: dict) -> str:
         f"| cache read / memcpy, back-to-back rounds of each | {_fmt(s.get('cache_read_vs_memcpy'))} |",
         f"| cache read / memcpy, alternating rounds (read, copy, read, ...) | "
         f"{_fmt(s.get('cache_read_vs_memcpy_alternating'))} |",
+        f"| raw read of the chunk files, no checks (file GB/s, alternating) | "
+        f"{_fmt((s.get('read_vs_memcpy_alternating') or {}).get('raw_read_gbps'))} |",
+        f"| cache read / raw read of its files (time ratio, alternating) | {_fmt(s.get('cache_read_vs_raw_read'))} |",
         *_markdown_step_breakdown(s.get("cached_step_breakdown"), st.get("batch_size")),
         "", "## Peak resident memory (fresh process, MB)", "", "| mode | MB |", "|---|---:|",
         *(f"| {MODE_LABELS.get(k, k)} | {_fmt(v)} |" for k, v in (s.get("peak_rss_mb") or {}).items()),
@@ -1044,7 +1100,8 @@ def _markdown_muon(s: dict) -> str:
     known = set(REQUIRED_KEYS) | {"settings", "targets", "missing", "time_to_target", "train_plan", "rss_idle_mb",
                                   "cache_over_dense", "compression_ratio", "cache_read_vs_memcpy", "data",
                                   "cache_read_vs_memcpy_alternating", "read_vs_memcpy_alternating",
-                                  "speedup_cached_memory_vs_live_frozen_sparse", "session_wall_s",
+                                  "cache_read_vs_raw_read", "speedup_cached_memory_vs_live_frozen_sparse",
+                                  "session_wall_s",
                                   "cache_read_gbps_by_dtype", "cache_read_bytes", "peak_cuda_mb", "trackml",
                                   "trackml_only", "cached_stream_vs_memory", "cached_step_breakdown"}
     extra = {k: v for k, v in s.items() if k not in known}
