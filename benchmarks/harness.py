@@ -56,6 +56,7 @@ TARGETS = {
     "cache / dense f32 (float32 embeddings)": ("cache_over_dense.float32", "<=", 0.30),
     "cache / dense f32 (float16 embeddings)": ("cache_over_dense.float16", "<=", 0.18),
     "cache read / memcpy, alternating rounds": ("cache_read_vs_memcpy_alternating", ">=", 0.5),
+    "streamed read (pooled buffers) / memcpy, alternating rounds": ("stream_read_vs_memcpy_alternating", ">=", 0.5),
     "cached stream / cached memory, alternating rounds": ("cached_stream_vs_memory", ">=", 0.9),
     "cache read from xrootd / raw xrootd read": ("remote_read_vs_raw.xrootd", ">=", 0.5),
     "sweep K=8 vs 8 separate cached runs": ("sweep_k8_vs_separate", ">=", 2.6),
@@ -657,6 +658,10 @@ def read_vs_memcpy(cache: Path, rounds: int = 21) -> dict:
     bytes into a preallocated buffer and against a raw read of its chunk files, in alternating rounds
     after one warm-up each: medians in GB/s.
 
+    The whole read fills new arrays (as `load` does once); the same read as a stream makes it, into
+    the buffers of an `ArrayPool` that the previous read's batch (dropped) left free, is
+    `stream_read_gbps`.
+
     The raw read (`raw_file_read`) is the floor under any reader of these files: `os.readv` of every
     chunk file into preallocated buffers, on as many threads as the reader uses, no checksum and no
     decoding; `raw_read_gbps` counts file bytes. `cache_read_vs_raw_read` is raw time / read time
@@ -666,6 +671,7 @@ def read_vs_memcpy(cache: Path, rounds: int = 21) -> dict:
     import numpy as np
 
     from cachefeat.cache.chunkio import READ_THREADS
+    from cachefeat.cache.pool import ArrayPool
     from cachefeat.cache.reader import CacheReader
 
     reader = CacheReader(cache)
@@ -676,17 +682,21 @@ def read_vs_memcpy(cache: Path, rounds: int = 21) -> dict:
     np.copyto(dst, src)
     raw_read, file_bytes = raw_file_read(cache, READ_THREADS)
     raw_read()
-    read_s, copy_s, raw_s = [], [], []
+    pool = ArrayPool()
+    reader.read_events(0, reader.num_events, pool)
+    read_s, copy_s, raw_s, stream_s = [], [], [], []
     for _ in range(rounds):
         for fn, times in ((lambda: reader.read_events(0, reader.num_events), read_s),
-                          (lambda: np.copyto(dst, src), copy_s), (raw_read, raw_s)):
+                          (lambda: np.copyto(dst, src), copy_s), (raw_read, raw_s),
+                          (lambda: reader.read_events(0, reader.num_events, pool), stream_s)):
             start = time.perf_counter()
             fn()
             times.append(time.perf_counter() - start)
     return {"bytes": nbytes, "rounds": rounds, "cache_read_gbps": nbytes / statistics.median(read_s) / 1e9,
             "memcpy_gbps": nbytes / statistics.median(copy_s) / 1e9, "file_bytes": file_bytes,
             "raw_read_threads": READ_THREADS, "raw_read_gbps": file_bytes / statistics.median(raw_s) / 1e9,
-            "cache_read_vs_raw_read": statistics.median(raw_s) / statistics.median(read_s)}
+            "cache_read_vs_raw_read": statistics.median(raw_s) / statistics.median(read_s),
+            "stream_read_gbps": nbytes / statistics.median(stream_s) / 1e9}
 
 
 def raw_file_read(cache: Path, threads: int):
@@ -846,6 +856,7 @@ def finalize(results: dict) -> dict:
     alternating = s.get("read_vs_memcpy_alternating") or {}
     s["cache_read_vs_memcpy_alternating"] = _ratio(alternating.get("cache_read_gbps"), alternating.get("memcpy_gbps"))
     s["cache_read_vs_raw_read"] = alternating.get("cache_read_vs_raw_read")
+    s["stream_read_vs_memcpy_alternating"] = _ratio(alternating.get("stream_read_gbps"), alternating.get("memcpy_gbps"))
     # per-round ratios of the alternating rounds (`paired_training`), their median
     rounds = (s.get("stream_vs_memory") or {}).get("rounds_s") or {}
     s["cached_stream_vs_memory"] = (paired_ratio(rounds["cached_memory"], rounds["cached_stream"])
@@ -1072,6 +1083,9 @@ def _markdown_muon(s: dict) -> str:
         f"| raw read of the chunk files, no checks (file GB/s, alternating) | "
         f"{_fmt((s.get('read_vs_memcpy_alternating') or {}).get('raw_read_gbps'))} |",
         f"| cache read / raw read of its files (time ratio, alternating) | {_fmt(s.get('cache_read_vs_raw_read'))} |",
+        f"| streamed read: the same into an `ArrayPool`'s reused buffers (GB/s, alternating) | "
+        f"{_fmt((s.get('read_vs_memcpy_alternating') or {}).get('stream_read_gbps'))} |",
+        f"| streamed read / memcpy, alternating rounds | {_fmt(s.get('stream_read_vs_memcpy_alternating'))} |",
         *_markdown_step_breakdown(s.get("cached_step_breakdown"), st.get("batch_size")),
         "", "## Peak resident memory (fresh process, MB)", "", "| mode | MB |", "|---|---:|",
         *(f"| {MODE_LABELS.get(k, k)} | {_fmt(v)} |" for k, v in (s.get("peak_rss_mb") or {}).items()),
@@ -1100,7 +1114,8 @@ def _markdown_muon(s: dict) -> str:
     known = set(REQUIRED_KEYS) | {"settings", "targets", "missing", "time_to_target", "train_plan", "rss_idle_mb",
                                   "cache_over_dense", "compression_ratio", "cache_read_vs_memcpy", "data",
                                   "cache_read_vs_memcpy_alternating", "read_vs_memcpy_alternating",
-                                  "cache_read_vs_raw_read", "speedup_cached_memory_vs_live_frozen_sparse",
+                                  "cache_read_vs_raw_read", "stream_read_vs_memcpy_alternating",
+                                  "speedup_cached_memory_vs_live_frozen_sparse",
                                   "session_wall_s",
                                   "cache_read_gbps_by_dtype", "cache_read_bytes", "peak_cuda_mb", "trackml",
                                   "trackml_only", "cached_stream_vs_memory", "cached_step_breakdown"}

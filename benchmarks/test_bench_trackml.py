@@ -88,6 +88,7 @@ def test_trackml_cache_read_vs_memcpy(tml_data, results):
     out["cache_read_bytes"] = timed["bytes"]
     out["cache_read_gbps"], out["memcpy_gbps"] = timed["cache_read_gbps"], timed["memcpy_gbps"]
     out["raw_read_gbps"], out["cache_read_vs_raw_read"] = timed["raw_read_gbps"], timed["cache_read_vs_raw_read"]
+    out["stream_read_gbps"] = timed["stream_read_gbps"]
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -345,10 +345,19 @@ class _Helpers:
     def _serve(tasks) -> None:
         while True:
             fn, arg, future = tasks.get()
+            error = result = None
             try:
-                future.set_result(fn(arg))
+                result = fn(arg)
             except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
-                future.set_exception(exc)
+                error = exc
+            # before the caller wakes, drop what refers to the read (its destination arrays,
+            # which a read's `ArrayPool` hands out again only once nothing refers to them)
+            del fn, arg
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
+            del future, result, error
 
 
 _HELPERS = _Helpers()

@@ -29,6 +29,7 @@ from zarr.abc.store import Store
 
 from cachefeat.cache import schema
 from cachefeat.cache.chunkio import FetchError, LocalChunks, StoreChunks
+from cachefeat.cache.pool import ArrayPool
 from cachefeat.cache.resident import ResidentCache
 from cachefeat.cache.store import describe, is_url, open_store
 from cachefeat.cache.stream import stream_batches, stream_num_batches
@@ -198,20 +199,24 @@ class CacheReader:
         """The events of `block` (see `read_events`)."""
         return self.read_blocks([block])
 
-    def read_blocks(self, blocks) -> HeadBatch:
-        """The events of `blocks`, block after block in that order, as one `HeadBatch`."""
+    def read_blocks(self, blocks, pool: ArrayPool | None = None) -> HeadBatch:
+        """The events of `blocks`, block after block in that order, as one `HeadBatch` (`pool`:
+        see `read_events`)."""
         for block in blocks:
             if not 0 <= block < self.num_blocks:
                 raise IndexError(f"block {block} outside 0..{self.num_blocks - 1}")
-        return self._read_ranges([schema.block_range(b, self.num_events, self.block_size) for b in blocks])
+        return self._read_ranges([schema.block_range(b, self.num_events, self.block_size) for b in blocks], pool)
 
-    def read_events(self, start: int, stop: int) -> HeadBatch:
-        """Events [start, stop) as one `HeadBatch` (batch-global pair rows), across blocks."""
+    def read_events(self, start: int, stop: int, pool: ArrayPool | None = None) -> HeadBatch:
+        """Events [start, stop) as one `HeadBatch` (batch-global pair rows), across blocks.
+
+        With a `pool` the batch's large arrays are backed by its buffers (reused once no earlier
+        batch of the pool refers to them; `cache.pool`), else newly allocated."""
         if not 0 <= start <= stop <= self.num_events:
             raise IndexError(f"events {start}-{stop} outside 0..{self.num_events}")
-        return self._read_ranges([(start, stop)])
+        return self._read_ranges([(start, stop)], pool)
 
-    def _read_ranges(self, ranges: list[tuple[int, int]]) -> HeadBatch:
+    def _read_ranges(self, ranges: list[tuple[int, int]], pool: ArrayPool | None = None) -> HeadBatch:
         """The event ranges, one after another, as one `HeadBatch`: every chunk is read (and its
         crc32c checked) straight into the batch's arrays, once."""
         pieces = []  # (block, lo, hi): events [lo, hi) of one block, in output order
@@ -226,9 +231,11 @@ class CacheReader:
         out_arrays, rebased = {}, {}
         for spec in schema.DATA_ARRAYS:
             shape = (int(offsets[spec.rows][-1]),) + (() if spec.cols is None else (self._cols[spec.cols],))
-            out_arrays[spec.key] = np.empty(shape, schema.storage_dtype(spec, self.embed_dtype))
+            dtype = schema.storage_dtype(spec, self.embed_dtype)
+            out_arrays[spec.key] = pool.empty(spec.key, shape, dtype) if pool else np.empty(shape, dtype)
             if spec.field in schema.PAIR_ROWS:
-                rebased[spec.field] = np.empty(shape, np.int64)
+                rebased[spec.field] = (pool.empty(f"{spec.key}/rebased", shape, np.int64) if pool
+                                       else np.empty(shape, np.int64))
         requests, finish = [], {}
         pos, first_event = {sym: 0 for sym in self._offsets}, 0
         for block, lo, hi in pieces:

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from cachefeat.cache import schema
+from cachefeat.cache.pool import ArrayPool
 from cachefeat.cache.resident import ResidentCache
 from cachefeat.head.inputs import HeadBatch, concat
 
@@ -89,8 +90,10 @@ def _batches(reader, groups, batch_size, count, rng, prefetch, valid_only) -> It
     if count == 0:
         return
     # one read per group, straight into the buffer's arrays (no concatenation of blocks), and the
-    # buffer's gather indices, both in the prefetch thread
-    loader = _Prefetch(lambda group: ResidentCache(reader.read_blocks(group)), groups, prefetch)
+    # buffer's gather indices, both in the prefetch thread; a buffer's arrays are reused by a later
+    # read once the buffer is gone (batches are gathered copies), so reads write warm memory
+    pool = ArrayPool()
+    loader = _Prefetch(lambda group: ResidentCache(reader.read_blocks(group, pool)), groups, prefetch)
     emitted, carry = 0, None
     try:
         for buffer in loader:

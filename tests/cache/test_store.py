@@ -14,7 +14,7 @@ import pytest
 import torch
 from zarr.storage import MemoryStore
 
-from cachefeat.cache import CacheReader, CacheWriter, chunkio, schema
+from cachefeat.cache import CacheReader, CacheWriter, chunkio, pool, schema
 from cachefeat.errors import UserError
 from cachefeat.head.inputs import HeadBatch
 
@@ -403,8 +403,37 @@ def _event_index(batch: HeadBatch) -> list[int]:
     return [(int(i) - 1000) // 7 for i in batch.event_id]
 
 
+@pytest.fixture
+def pool_everything(monkeypatch):
+    """Arrays of any size come from an `ArrayPool` where a read is given one (these caches are tiny)."""
+    monkeypatch.setattr(pool, "MIN_POOLED_BYTES", 0)
+
+
 @pytest.mark.parametrize("kind", ["local", "memory"])
-def test_stream_partition_equal_counts_and_determinism(caches, events, kind):
+def test_pooled_reads_equal_the_brute_force_and_spare_a_held_batch(caches, events, kind, pool_everything):
+    """Reads through one `ArrayPool`: each equals the brute force, a dropped batch's memory is reused
+    by the next read, and a batch still held (or a tensor viewing it) is never written over."""
+    reader = CacheReader(caches(kind))
+    arrays = pool.ArrayPool()
+    held = reader.read_events(0, E, arrays)
+    view, kept = held.hit_embed[2:5], held.pair_logit  # a view of one array, another array whole
+    del held
+    for start, stop in [(3, 17), (0, E), (9, 10), (0, E), (22, 23)]:
+        got = reader.read_events(start, stop, arrays)
+        assert not np.shares_memory(got.hit_embed.numpy(), view.numpy())
+        assert not np.shares_memory(got.pair_logit.numpy(), kept.numpy())
+        assert_batches_equal(got, reference_batch(events[start:stop]))
+    want = reference_batch(events)
+    assert torch.equal(view, want.hit_embed[2:5]) and torch.equal(kept, want.pair_logit)
+    del got
+    kept_bytes = arrays.nbytes()
+    for _ in range(3):  # nothing is held between these reads: each one reuses the pool's buffers
+        assert_batches_equal(reader.read_events(0, E, arrays), reference_batch(events))
+        assert arrays.nbytes() == kept_bytes
+
+
+@pytest.mark.parametrize("kind", ["local", "memory"])
+def test_stream_partition_equal_counts_and_determinism(caches, events, kind, pool_everything):
     reader = CacheReader(caches(kind))
 
     def run(epoch, world, drop_last=True, batch_size=3, buffer_blocks=2):
@@ -455,7 +484,7 @@ def test_stream_partition_equal_counts_and_determinism(caches, events, kind):
 
 
 @pytest.mark.parametrize("buffer_blocks", [1, 2])
-def test_stream_of_valid_targets_is_the_masked_brute_force(caches, events, buffer_blocks):
+def test_stream_of_valid_targets_is_the_masked_brute_force(caches, events, buffer_blocks, pool_everything):
     """`stream(..., valid_targets_only=True)` (what training streams): each batch, carried events
     included, is the brute-force batch of its events masked by `with_valid_targets_only`."""
     reader = CacheReader(caches())
