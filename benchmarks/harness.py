@@ -75,6 +75,7 @@ TRACKML_TARGETS = {
     "cache / dense f32 (float32 embeddings)": ("cache_over_dense.float32", "<=", 0.15),
     "cache / dense f32 (float16 embeddings)": ("cache_over_dense.float16", "<=", 0.10),
     "cache read / memcpy, alternating rounds": ("cache_read_vs_memcpy", ">=", 0.5),
+    "streamed read (pooled buffers) / memcpy, alternating rounds": ("stream_read_vs_memcpy", ">=", 0.5),
 }
 TRACKML_REQUIRED_KEYS = (
     "train_events_per_s", "extract_events_per_s", "forward_events_per_s", "cache_bytes_per_event",
@@ -914,6 +915,7 @@ def _finalize_trackml(results: dict) -> dict:
     t["speedup_cached_stream_vs_live_frozen_sparse"] = _ratio(rates.get("cached_stream"), live)
     t["extract_vs_forward"] = _ratio(t.get("extract_events_per_s"), t.get("forward_events_per_s"))
     t["cache_read_vs_memcpy"] = _ratio(t.get("cache_read_gbps"), t.get("memcpy_gbps"))
+    t["stream_read_vs_memcpy"] = _ratio(t.get("stream_read_gbps"), t.get("memcpy_gbps"))
     t["targets"] = {}
     for name, (key, op, threshold) in TRACKML_TARGETS.items():
         value = _get(t, key)
@@ -1015,6 +1017,7 @@ def markdown_trackml(t: dict, top: bool) -> list[str]:
         f"| memcpy, same bytes (GB/s) | {_fmt(t.get('memcpy_gbps'))} |",
         f"| raw read of the chunk files, no checks (file GB/s) | {_fmt(t.get('raw_read_gbps'))} |",
         f"| cache read / raw read of its files (time ratio) | {_fmt(t.get('cache_read_vs_raw_read'))} |",
+        f"| streamed read: the same into an `ArrayPool`'s reused buffers (GB/s) | {_fmt(t.get('stream_read_gbps'))} |",
     ]
     by_array = t.get("stored_bytes_per_event_by_array") or {}
     if by_array:
