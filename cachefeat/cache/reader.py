@@ -228,14 +228,13 @@ class CacheReader:
         events = np.concatenate([np.arange(lo, hi) for _, lo, hi in pieces] or [np.zeros(0, np.int64)])
         counts = {sym: c[events] for sym, c in self._counts.items()}
         offsets = {sym: np.concatenate([[0], np.cumsum(c)]).astype(np.int64) for sym, c in counts.items()}
+        empty = pool.empty if pool is not None else lambda _key, shape, dtype: np.empty(shape, dtype)
         out_arrays, rebased = {}, {}
         for spec in schema.DATA_ARRAYS:
             shape = (int(offsets[spec.rows][-1]),) + (() if spec.cols is None else (self._cols[spec.cols],))
-            dtype = schema.storage_dtype(spec, self.embed_dtype)
-            out_arrays[spec.key] = pool.empty(spec.key, shape, dtype) if pool else np.empty(shape, dtype)
+            out_arrays[spec.key] = empty(spec.key, shape, schema.storage_dtype(spec, self.embed_dtype))
             if spec.field in schema.PAIR_ROWS:
-                rebased[spec.field] = (pool.empty(f"{spec.key}/rebased", shape, np.int64) if pool
-                                       else np.empty(shape, np.int64))
+                rebased[spec.field] = empty(f"{spec.key}/rebased", shape, np.int64)
         requests, finish = [], {}
         pos, first_event = {sym: 0 for sym in self._offsets}, 0
         for block, lo, hi in pieces:
