@@ -61,7 +61,12 @@ class ObjectHitMask(nn.Module):
 
         `mask_bce`: mean over valid hits of BCE(logit_nm, t_pm); `mask_dice`: 1 - (2Σpt + 1) / (Σp + Σt + 1),
         p = sigmoid(logit), t = particle_hit_valid ∧ hit_valid.
+
+        On the CPU the sums over a particle's hits run over its hits only (`_cpu_mask_cost`); on other
+        devices they are dense products over all hits (one batched matmul each, deterministic).
         """
+        if track_hit_logit.device.type == "cpu":
+            return _cpu_mask_cost(track_hit_logit, hit_valid, particle_hit_valid)
         v = hit_valid.double()
         x = track_hit_logit.double() * v[:, None, :]
         t = particle_hit_valid.double() * v[:, None, :]
@@ -91,3 +96,36 @@ class ObjectHitMask(nn.Module):
         p = torch.sigmoid(logit.float()) * v
         dice = 1.0 - (2.0 * (p * t).sum(-1) + 1.0) / (p.sum(-1) + t.sum(-1) + 1.0)
         return {"mask_bce": bce.mean(), "mask_dice": dice.mean()}
+
+
+def _cpu_mask_cost(track_hit_logit: Tensor, hit_valid: Tensor, particle_hit_valid: Tensor) -> dict[str, Tensor]:
+    """`ObjectHitMask.cost` on the CPU, in O(B·N·M) instead of the dense products' O(B·N·P·M).
+
+    The products Σ_m x_nm t_pm sum, for each particle, its own hits' logits: the (event, particle,
+    hit) memberships are listed once and each membership adds its hit's row of logits to its
+    particle's row (`index_add_`, sequential on the CPU: deterministic). The logits are copied
+    hits-major ([B, M, N], float64) so that a hit's logits for all queries are one contiguous row.
+    Measured on a TrackML-scale batch (2 events, 1,100 queries, 850 particle slots, 9,383 hits; 2-core
+    AMD EPYC, one thread): about twice as fast as the dense float64 products; equal to them within
+    1e-15 (a different summation order).
+    """
+    B, N, M = track_hit_logit.shape
+    P = particle_hit_valid.shape[1]
+    invalid = ~hit_valid[:, :, None]  # [B, M, 1]
+    x = torch.empty(B, M, N, dtype=torch.float64)
+    x.copy_(track_hit_logit.transpose(1, 2)).masked_fill_(invalid, 0.0)
+    b, p, m = (particle_hit_valid & hit_valid[:, None, :]).nonzero(as_tuple=True)
+    hit_rows, particle_rows = b * M + m, b * P + p
+
+    def particle_sums(values: Tensor) -> Tensor:  # [B, M, N] -> Σ over each particle's hits, [B, N, P]
+        rows = values.reshape(B * M, N).index_select(0, hit_rows)
+        return values.new_zeros(B * P, N).index_add_(0, particle_rows, rows).view(B, P, N).transpose(1, 2)
+
+    n_valid = hit_valid.sum(-1).clamp(min=1).to(torch.float64)[:, None, None]
+    n_member = torch.zeros(B * P, dtype=torch.float64).index_add_(
+        0, particle_rows, torch.ones(particle_rows.numel(), dtype=torch.float64)
+    )
+    bce = (F.softplus(x).masked_fill_(invalid, 0.0).sum(1)[:, :, None] - particle_sums(x)) / n_valid
+    prob = torch.sigmoid(x).masked_fill_(invalid, 0.0)
+    dice = 1.0 - (2.0 * particle_sums(prob) + 1.0) / (prob.sum(1)[:, :, None] + n_member.view(B, 1, P) + 1.0)
+    return {"mask_bce": bce, "mask_dice": dice}

@@ -90,3 +90,40 @@ def test_costs_match_per_element_loops():
         assert math.isclose(
             float(valid_cost[b, n, p]), -math.log(1 / (1 + math.exp(-float(valid_logit[b, n])))), abs_tol=1e-9
         )
+
+
+def _dense_mask_cost(logit, hit_valid, part_hits):
+    """The mask costs as dense float64 products over every hit (the formula of the docstring)."""
+    v = hit_valid.double()
+    x = logit.double() * v[:, None, :]
+    t = part_hits.double() * v[:, None, :]
+    p = torch.sigmoid(x) * v[:, None, :]
+    n_valid = v.sum(-1).clamp(min=1.0)[:, None, None]
+    bce = ((torch.nn.functional.softplus(x) * v[:, None, :]).sum(-1)[:, :, None]
+           - torch.einsum("bnm,bpm->bnp", x, t)) / n_valid
+    dice = 1.0 - (2.0 * torch.einsum("bnm,bpm->bnp", p, t) + 1.0) / (
+        p.sum(-1)[:, :, None] + t.sum(-1)[:, None, :] + 1.0)
+    return {"mask_bce": bce, "mask_dice": dice}
+
+
+def test_cpu_costs_equal_dense_products_and_give_the_same_matching():
+    """Realistic sizes: hits owned by one particle (some by none, a few shared), particles without
+    hits, an event without valid hits, float32 logits as the model gives them."""
+    gen = torch.Generator().manual_seed(3)
+    B, N, P, M = 3, 40, 30, 500
+    logit = torch.randn(B, N, M, generator=gen) * 6
+    hit_valid = torch.rand(B, M, generator=gen) < 0.9
+    hit_valid[2] = False
+    owner = torch.randint(-1, P - 5, (B, M), generator=gen)  # the last 5 slots own no hit
+    part_hits = torch.zeros(B, P, M, dtype=torch.bool)
+    b, m = (owner >= 0).nonzero(as_tuple=True)
+    part_hits[b, owner[b, m], m] = True
+    part_hits |= torch.rand(B, P, M, generator=gen) < 0.002
+    got = ObjectHitMask.cost(logit, hit_valid, part_hits)
+    ref = _dense_mask_cost(logit, hit_valid, part_hits)
+    for key in ref:
+        assert got[key].dtype == torch.float64 and got[key].shape == (B, N, P)
+        torch.testing.assert_close(got[key], ref[key], rtol=0, atol=1e-13)
+    particle_valid = part_hits.any(-1)
+    matched = match_batch(got["mask_bce"] + got["mask_dice"], particle_valid)
+    assert torch.equal(matched, match_batch(ref["mask_bce"] + ref["mask_dice"], particle_valid))
