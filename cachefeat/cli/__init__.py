@@ -9,6 +9,8 @@ output is never touched by this. Only the outputs named in `url_outputs` (extrac
 may be a URL (a remote cache, `cachefeat.cache.store`); any other output given as a URL is a
 usage error before any work starts (it would otherwise become a local directory `s3:/...`).
 A URL output is not removed: what a failed extraction left there is resumable with --resume.
+Under a multi-process launch, the torch.distributed process group is destroyed before `main`
+returns (`end_process_group`), except after Ctrl-C.
 
 Exit codes, each failure one line on stderr (`--debug` re-raises it with its traceback):
 - 0: success;
@@ -34,6 +36,8 @@ import sys
 from pathlib import Path
 
 from cachefeat.errors import UserError, library_of
+
+log = logging.getLogger(__name__)
 
 COMMANDS = ["simulate", "pretrain", "extract", "info", "train", "sweep", "evaluate", "verify", "demo"]
 
@@ -158,10 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("cachefeat").setLevel(logging.DEBUG if args.debug else logging.INFO)
     fresh = [Path(p) for p in (getattr(args, name) for name in getattr(args, "outputs", ()))
              if p is not None and not _is_url(p) and not os.path.lexists(p)]
+    interrupted = False
     try:
         _check_local_outputs(args)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
+        interrupted = True
         print(f"cachefeat {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
@@ -181,6 +187,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cachefeat {args.command}: error: {what} (from {library}; rerun with --debug for the traceback)",
               file=sys.stderr)
         return 2
+    finally:
+        if not interrupted:  # after Ctrl-C, exit at once: the destroy would wait for a collective in flight
+            end_process_group()
+
+
+def end_process_group() -> None:
+    """Destroy torch.distributed's process groups if the command created them (a multi-process launch).
+
+    Joins the backend's worker threads while the interpreter is alive. Left to interpreter exit,
+    a gloo worker thread may still be releasing the last collective's tensors, which takes the
+    GIL during finalization: the process then aborts (SIGABRT, "terminate called without an
+    active exception") after the command succeeded. No-op when torch.distributed was never
+    imported or no group exists; a failure to destroy is logged (debug), never raised.
+    """
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    try:
+        dist.destroy_process_group()
+    except Exception:  # the command's own result stands
+        log.debug("destroying the process group at exit failed", exc_info=True)
 
 
 def _is_url(location: str) -> bool:

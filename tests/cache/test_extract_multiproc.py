@@ -38,3 +38,20 @@ def test_two_processes_equal_one(ref, cache, config_file, checkpoint, events_fil
     for key in arrays_1:
         assert (arrays_1[key] == arrays_2[key]).all(), key
     assert ref.block_manifests(cache) == ref.block_manifests(out)
+
+
+def test_cli_destroys_the_process_group(cache, tmp_path):
+    """`main` destroys a process group a command ran under before it returns: left to interpreter
+    exit, a gloo worker thread still releasing the last collective's tensors aborts the process
+    (SIGABRT, "terminate called without an active exception") after a successful extraction."""
+    import torch.distributed as dist
+
+    from cachefeat.cli import main
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        assert main(["info", str(cache)]) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
