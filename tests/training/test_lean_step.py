@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import traceback
 
 import numpy as np
@@ -20,6 +21,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import cachefeat
 from cachefeat.head.checkpoint import build_head
 from cachefeat.training import loop
 from cachefeat.training import train as train_module
@@ -27,6 +29,7 @@ from cachefeat.training.loop import fit, head_step, make_accelerator, prepare_tr
 from cachefeat.training.sources import CacheMemorySource, epoch_event_batches
 
 aten = torch.ops.aten
+PACKAGE = os.path.dirname(os.path.realpath(cachefeat.__file__)) + os.sep  # frames of the library, not of tests
 
 
 class DeviceWaits(TorchDispatchMode):
@@ -62,8 +65,8 @@ class DeviceWaits(TorchDispatchMode):
         return read
 
     def _record(self, what: str) -> None:
-        where = [f"{f.filename.rsplit('/cachefeat/', 1)[-1]}:{f.lineno} {f.line}"
-                 for f in traceback.extract_stack() if "/cachefeat/" in f.filename]
+        files = ((os.path.realpath(f.filename), f) for f in traceback.extract_stack())
+        where = [f"{path[len(PACKAGE):]}:{f.lineno} {f.line}" for path, f in files if path.startswith(PACKAGE)]
         self.found.append((what, where[-1] if where else "?"))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
