@@ -7,6 +7,7 @@ Costs are [B, N, P] (query n vs particle p), computed without gradients in float
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -102,30 +103,36 @@ def _cpu_mask_cost(track_hit_logit: Tensor, hit_valid: Tensor, particle_hit_vali
     """`ObjectHitMask.cost` on the CPU, in O(B·N·M) instead of the dense products' O(B·N·P·M).
 
     The products Σ_m x_nm t_pm sum, for each particle, its own hits' logits: the (event, particle,
-    hit) memberships are listed once and each membership adds its hit's row of logits to its
-    particle's row (`index_add_`, sequential on the CPU: deterministic). The logits are copied
-    hits-major ([B, M, N], float64) so that a hit's logits for all queries are one contiguous row.
-    Measured on a TrackML-scale batch (2 events, 1,100 queries, 850 particle slots, 9,383 hits; a
-    2-core Intel Xeon VM, one thread): 0.74 s against 1.6 s for the dense float64 products; equal
-    to them within 1e-15 (a different summation order).
+    hit) memberships become a sparse CSR matrix [B·P, B·M] (row b·P + p lists the hits of particle
+    p of event b, in hit order) times the logits copied hits-major ([B·M, N], float64, a hit's
+    logits for all queries one contiguous row); the CPU sums each row's hits in order, so the result
+    is deterministic. Measured on a TrackML-scale batch (2 events, 1,100 queries, 850 particle
+    slots, 9,383 hits; a 2-core Intel Xeon VM, one thread): 0.74 s against 1.6 s for the dense
+    float64 products with the memberships gathered and `index_add_`-ed, the CSR product 19 ms
+    against 101 ms of that; equal to the dense products within 1e-15 (another summation order).
     """
     B, N, M = track_hit_logit.shape
     P = particle_hit_valid.shape[1]
     invalid = ~hit_valid[:, :, None]  # [B, M, 1]
-    x = torch.empty(B, M, N, dtype=torch.float64)
-    x.copy_(track_hit_logit.transpose(1, 2)).masked_fill_(invalid, 0.0)
+    x = torch.empty(B * M, N, dtype=torch.float64)
+    x.view(B, M, N).copy_(track_hit_logit.transpose(1, 2)).masked_fill_(invalid, 0.0)
+    # nonzero lists the memberships in (event, particle, hit) order: the CSR's row order
     b, p, m = (particle_hit_valid & hit_valid[:, None, :]).nonzero(as_tuple=True)
-    hit_rows, particle_rows = b * M + m, b * P + p
+    n_member = torch.bincount(b * P + p, minlength=B * P)
+    crow = torch.cat([n_member.new_zeros(1), n_member.cumsum(0)])
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": a product with a dense matrix is all we use
+        warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
+        members = torch.sparse_csr_tensor(crow, b * M + m, torch.ones(b.numel(), dtype=torch.float64),
+                                          size=(B * P, B * M), check_invariants=False)
 
-    def particle_sums(values: Tensor) -> Tensor:  # [B, M, N] -> Σ over each particle's hits, [B, N, P]
-        rows = values.reshape(B * M, N).index_select(0, hit_rows)
-        return values.new_zeros(B * P, N).index_add_(0, particle_rows, rows).view(B, P, N).transpose(1, 2)
+    def particle_sums(values: Tensor) -> Tensor:  # [B·M, N] -> Σ over each particle's hits, [B, N, P]
+        return (members @ values).view(B, P, N).transpose(1, 2)
 
     n_valid = hit_valid.sum(-1).clamp(min=1).to(torch.float64)[:, None, None]
-    n_member = torch.zeros(B * P, dtype=torch.float64).index_add_(
-        0, particle_rows, torch.ones(particle_rows.numel(), dtype=torch.float64)
+    bce = (F.softplus(x).view(B, M, N).masked_fill_(invalid, 0.0).sum(1)[:, :, None] - particle_sums(x)) / n_valid
+    prob = torch.sigmoid(x)
+    prob.view(B, M, N).masked_fill_(invalid, 0.0)
+    dice = 1.0 - (2.0 * particle_sums(prob) + 1.0) / (
+        prob.view(B, M, N).sum(1)[:, :, None] + n_member.view(B, 1, P).to(torch.float64) + 1.0
     )
-    bce = (F.softplus(x).masked_fill_(invalid, 0.0).sum(1)[:, :, None] - particle_sums(x)) / n_valid
-    prob = torch.sigmoid(x).masked_fill_(invalid, 0.0)
-    dice = 1.0 - (2.0 * particle_sums(prob) + 1.0) / (prob.sum(1)[:, :, None] + n_member.view(B, 1, P) + 1.0)
     return {"mask_bce": bce, "mask_dice": dice}

@@ -127,3 +127,16 @@ def test_cpu_costs_equal_dense_products_and_give_the_same_matching():
     particle_valid = part_hits.any(-1)
     matched = match_batch(got["mask_bce"] + got["mask_dice"], particle_valid)
     assert torch.equal(matched, match_batch(ref["mask_bce"] + ref["mask_dice"], particle_valid))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 0, 5), (2, 3, 4, 0), (2, 0, 4, 5), (0, 3, 4, 5), (1, 1, 1, 1)])
+def test_cpu_costs_on_empty_dimensions(shape):
+    """No particle slots, no hits, no queries, no events: the shapes and values of the dense formula."""
+    B, N, P, M = shape
+    gen = torch.Generator().manual_seed(sum(shape))
+    logit = torch.randn(B, N, M, generator=gen)
+    hit_valid = torch.rand(B, M, generator=gen) < 0.7
+    part_hits = torch.rand(B, P, M, generator=gen) < 0.5
+    got, ref = ObjectHitMask.cost(logit, hit_valid, part_hits), _dense_mask_cost(logit, hit_valid, part_hits)
+    for key in ref:
+        torch.testing.assert_close(got[key], ref[key], rtol=0, atol=1e-13)
