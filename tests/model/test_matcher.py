@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cachefeat.model.matcher import hungarian_match, match_batch
-from cachefeat.model.tasks import ObjectHitMask, ObjectValid
+from cachefeat.model.tasks import ObjectHitMask, ObjectValid, _dense_mask_cost
 
 
 def _brute_force(cost):
@@ -63,14 +63,16 @@ def test_match_batch_returns_slots_of_valid_particles_only():
     assert out.tolist() == [[2, 0], [-1, -1]]
 
 
-def test_costs_match_per_element_loops():
+@pytest.mark.parametrize("mask_cost", [ObjectHitMask.cost, _dense_mask_cost], ids=["cpu", "dense"])
+def test_costs_match_per_element_loops(mask_cost):
+    """Both mask-cost paths (the CPU one and the dense products other devices run) against loops."""
     torch.manual_seed(0)
     B, N, P, M = 2, 3, 4, 7
     logit = torch.randn(B, N, M) * 3
     valid_logit = torch.randn(B, N)
     hit_valid = torch.rand(B, M) < 0.8
     part_hits = torch.rand(B, P, M) < 0.4
-    bce_dice = ObjectHitMask.cost(logit, hit_valid, part_hits)
+    bce_dice = mask_cost(logit, hit_valid, part_hits)
     valid_cost = ObjectValid.cost(valid_logit, P)
     for b, n, p in itertools.product(range(B), range(N), range(P)):
         xs, ts, n_valid = [], [], 0
@@ -90,20 +92,6 @@ def test_costs_match_per_element_loops():
         assert math.isclose(
             float(valid_cost[b, n, p]), -math.log(1 / (1 + math.exp(-float(valid_logit[b, n])))), abs_tol=1e-9
         )
-
-
-def _dense_mask_cost(logit, hit_valid, part_hits):
-    """The mask costs as dense float64 products over every hit (the formula of the docstring)."""
-    v = hit_valid.double()
-    x = logit.double() * v[:, None, :]
-    t = part_hits.double() * v[:, None, :]
-    p = torch.sigmoid(x) * v[:, None, :]
-    n_valid = v.sum(-1).clamp(min=1.0)[:, None, None]
-    bce = ((torch.nn.functional.softplus(x) * v[:, None, :]).sum(-1)[:, :, None]
-           - torch.einsum("bnm,bpm->bnp", x, t)) / n_valid
-    dice = 1.0 - (2.0 * torch.einsum("bnm,bpm->bnp", p, t) + 1.0) / (
-        p.sum(-1)[:, :, None] + t.sum(-1)[:, None, :] + 1.0)
-    return {"mask_bce": bce, "mask_dice": dice}
 
 
 def test_cpu_costs_equal_dense_products_and_give_the_same_matching():
